@@ -1,0 +1,5 @@
+import sys
+
+from minlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,451 @@
+"""Model and training configuration: the one source of truth for every default.
+
+Both configs are plain dataclasses that serialise to JSON and back exactly, so a run folder
+can rebuild its model with ``ModelConfig(**json.load(f))``. Choices are ``Literal`` strings
+resolved through small registries in ``minlm.modules``; derived values are filled in
+``__post_init__``; a bad value raises ``ValueError`` naming the field, the value and what is
+allowed. Nothing warns and falls back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Position = Literal["rope", "alibi", "learned", "none"]
+Norm = Literal["rmsnorm", "layernorm", "cosinenorm"]
+Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "kan"]
+Init = Literal["normal", "xavier", "tfixup"]
+Mixer = Literal["attention", "mlgru"]
+Linear = Literal["linear", "bitlinear"]
+Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "muon"]
+Precision = Literal["fp32", "bf16", "auto"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field, the value and the fix."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    return None
+
+
+class _Serialisable:
+    """JSON round-trip, string overrides and validation shared by both configs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            from minlm.fileio import atomic_write_text
+
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        cls._reject_unknown(data)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike):
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config JSON is not valid: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    @classmethod
+    def _reject_unknown(cls, data: dict[str, Any]) -> None:
+        valid = cls.field_names()
+        unknown = [k for k in data if k not in valid]
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s) {', '.join(unknown)}; "
+                f"valid fields are: {', '.join(valid)}"
+            )
+
+    def replace(self, **overrides):
+        type(self)._reject_unknown(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]):
+        """Apply ``key=value`` strings (CLI style) or a dict, coercing types from the fields."""
+        if isinstance(overrides, dict):
+            return self.replace(**overrides)
+        return self.replace(**type(self).parse_overrides(overrides))
+
+    @classmethod
+    def parse_overrides(cls, items: list[str]) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        out: dict[str, Any] = {}
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            cls._reject_unknown({key: None})
+            out[key] = coerce(key, raw.strip(), hints[key])
+        return out
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    choices = _literal_choices(tp)
+    if choices is not None:
+        if value not in choices:
+            _fail(name, value, "must be one of " + ", ".join(repr(c) for c in choices))
+        return
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                _check_type(name, value, a)
+                return
+            except ConfigError:
+                continue
+        _fail(name, value, f"must be of type {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(name, value, "must be true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, value, "must be an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, value, "must be a number")
+    elif tp is str:
+        if not isinstance(value, str):
+            _fail(name, value, "must be a string")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            _fail(name, value, "must be a mapping")
+
+
+def coerce(name: str, raw: str, tp: Any) -> Any:
+    """Turn a CLI string into the field's type; JSON syntax is accepted for dicts and lists."""
+    choices = _literal_choices(tp)
+    if choices is not None:
+        if raw not in choices:
+            _fail(name, raw, "must be one of " + ", ".join(repr(c) for c in choices))
+        return raw
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw.lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for a in args:
+            try:
+                return coerce(name, raw, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        _fail(name, raw, "must be true or false")
+    if tp is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            try:
+                f = float(raw)
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+            _fail(name, raw, "must be an integer")
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            _fail(name, raw, "must be a number")
+    if origin is dict:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            _fail(name, raw, 'must be a JSON object such as {"4": 0}')
+        if not isinstance(value, dict):
+            _fail(name, raw, 'must be a JSON object such as {"4": 0}')
+        return value
+    return raw
+
+
+@dataclass
+class ModelConfig(_Serialisable):
+    """Everything that decides the architecture and the parameter count."""
+
+    vocab_size: int = 2048
+    block_size: int = 256  # context length in tokens
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means n_heads (plain multi-head attention)
+    head_dim: int = 0  # 0 means dim // n_heads
+    # token mixer and its options
+    mixer: Mixer = "attention"
+    position: Position = "rope"
+    rope_theta: float = 10000.0
+    window: int = 0  # sliding-window attention span; 0 means full causal attention
+    qk_norm: bool = False
+    attn_softcap: float = 0.0  # tanh soft-capping of attention scores; 0 disables
+    attn_bias: bool = False  # biases of the mixer's projections (attention or MLGRU)
+    # every linear layer inside the blocks: "bitlinear" = ternary weights, 8-bit activations
+    # (BitNet b1.58); embeddings, head and MoE router stay full precision
+    linear: Linear = "linear"
+    # channel mixer
+    activation: Activation = "swiglu"  # "kan": the MLP's linear layers become B-spline KAN layers
+    hidden_dim: int = 0  # 0 means derived from hidden_mult and multiple_of
+    hidden_mult: float = 4.0
+    multiple_of: int = 32
+    mlp_bias: bool = False
+    kan_grid: int = 5  # activation="kan": spline intervals on [-2, 2]
+    kan_order: int = 3  # activation="kan": B-spline order (3 = cubic)
+    n_experts: int = 0  # mixture of experts: 0 means one plain MLP per block
+    experts_top_k: int = 2  # experts each token is sent to (n_experts > 0)
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss added to the training loss
+    # norms and residual stream
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_affine: bool = True
+    norm_bias: bool = False  # LayerNorm bias
+    block_spec: str = "norm>attn>+ norm>mlp>+"
+    tied_blocks: dict[str, int] = field(default_factory=dict)  # {"4": 0}: block 4 reuses block 0
+    # multiplies the token embeddings as they enter the residual stream (the first residual);
+    # Gemma and Grok use sqrt(dim); the tied head is not scaled
+    embed_scale: float = 1.0
+    # output
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0  # tanh soft-capping of the output logits; 0 disables
+    # initialisation and regularisation
+    init: Init = "normal"
+    init_std: float = 0.0  # 0 means min(0.02, 0.3 / sqrt(dim)), so init loss stays near ln(vocab)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.tied_blocks = {str(k): int(v) for k, v in dict(self.tied_blocks).items()}
+        self._check_types()
+        for name in ("vocab_size", "block_size", "dim", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be a positive integer")
+        for name in ("n_kv_heads", "head_dim", "hidden_dim", "window"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be 0 (automatic) or a positive integer")
+        if self.head_dim == 0 and self.dim % self.n_heads != 0:
+            raise ConfigError(
+                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; choose n_heads "
+                f"among {_divisors(self.dim)} or set head_dim explicitly"
+            )
+        if self.n_kv_heads and self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                f"n_kv_heads must be one of {_divisors(self.n_heads)}"
+            )
+        if self.position == "rope" and self.head_size % 2:
+            raise ConfigError(
+                f"head_dim={self.head_size} is odd, but position='rope' rotates pairs of "
+                "channels; use an even head size"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "must be in [0, 1)")
+        if self.norm_eps <= 0:
+            _fail("norm_eps", self.norm_eps, "must be > 0")
+        if self.init_std < 0:
+            _fail("init_std", self.init_std, "must be > 0, or 0 for the automatic value")
+        if self.rope_theta <= 0:
+            _fail("rope_theta", self.rope_theta, "must be > 0")
+        if self.hidden_mult <= 0:
+            _fail("hidden_mult", self.hidden_mult, "must be > 0")
+        if self.multiple_of < 1:
+            _fail("multiple_of", self.multiple_of, "must be a positive integer")
+        if self.attn_softcap < 0 or self.logit_softcap < 0:
+            name = "attn_softcap" if self.attn_softcap < 0 else "logit_softcap"
+            _fail(name, getattr(self, name), "must be >= 0 (0 disables soft-capping)")
+        if self.embed_scale <= 0:
+            _fail("embed_scale", self.embed_scale, "must be > 0 (1.0 leaves embeddings unscaled)")
+        if self.aux_loss_weight < 0:
+            _fail("aux_loss_weight", self.aux_loss_weight, "must be >= 0 (0 disables load balancing)")
+        if self.kan_grid < 1:
+            _fail("kan_grid", self.kan_grid, "must be a positive integer")
+        if self.kan_order < 0:
+            _fail("kan_order", self.kan_order, "must be >= 0 (0: piecewise constant, 3: cubic)")
+        if self.n_experts < 0:
+            _fail("n_experts", self.n_experts, "must be >= 0 (0: a plain MLP, no experts)")
+        if self.n_experts and not 1 <= self.experts_top_k <= self.n_experts:
+            _fail("experts_top_k", self.experts_top_k,
+                  f"must be between 1 and n_experts={self.n_experts}")
+        if self.experts_top_k < 1:
+            _fail("experts_top_k", self.experts_top_k, "must be a positive integer")
+        if self.mixer != "attention":
+            self._check_no_attention_options()
+        for k, v in self.tied_blocks.items():
+            if not k.isdigit() or not 0 <= int(k) < self.n_layers or not 0 <= v < self.n_layers:
+                _fail("tied_blocks", self.tied_blocks, f"keys and values must be block indices 0..{self.n_layers - 1}")
+            if int(k) <= v:
+                _fail("tied_blocks", self.tied_blocks, "each block may only reuse an earlier block (key > value)")
+        from minlm.modules.block import parse_block_spec  # validation lives beside the parser
+
+        parse_block_spec(self.block_spec)
+
+    def _check_no_attention_options(self) -> None:
+        """Attention-only options would silently do nothing with another mixer: refuse them."""
+        why = f"mixer={self.mixer!r} has no attention"
+        if self.position in ("rope", "alibi"):
+            _fail("position", self.position, f"{why} (RoPE and ALiBi act inside attention); "
+                  "use 'none' (the recurrence knows the order) or 'learned'")
+        for name, off in (("window", 0), ("qk_norm", False), ("attn_softcap", 0.0)):
+            if getattr(self, name) != off:
+                _fail(name, getattr(self, name), f"{why}; leave it at {off!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden width of the MLP; gated MLPs take 2/3 so the parameter count stays comparable."""
+        if self.hidden_dim:
+            return self.hidden_dim
+        hidden = self.hidden_mult * self.dim
+        if self.activation in ("swiglu", "geglu"):
+            hidden = 2 * hidden / 3
+        m = self.multiple_of
+        return int(m * math.ceil(int(hidden) / m))
+
+    @property
+    def std(self) -> float:
+        return self.init_std or min(0.02, 0.3 / math.sqrt(self.dim))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        from minlm.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}"
+            )
+        base = dict(PRESETS[name])
+        cls._reject_unknown(overrides)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class TrainConfig(_Serialisable):
+    """Everything about how a model is trained; names match the scripts people know."""
+
+    run_name: str = ""  # empty: derived from the preset and the time
+    preset: str = ""  # the ModelConfig preset the run started from, for the record
+    data: str = "tinystories"  # a dataset name, a text/JSONL/parquet file or a folder
+    tokenizer: str = ""  # path to a tokenizer; empty: the shipped one matching vocab_size
+    out_dir: str = "trained_models"
+    max_iters: int = 2000
+    max_minutes: float = 0.0  # wall-clock budget; 0 means no limit
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_iters: int = 100
+    schedule: Schedule = "cosine"
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 200
+    eval_iters: int = 20
+    eval_batch_size: int = 0  # 0 means batch_size
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: Device = "auto"
+    precision: Precision = "fp32"
+    compile: bool = False
+    fsdp: bool = False  # shard parameters with FSDP2 (under torchrun) instead of replicating
+    resume: bool = False
+    overwrite: bool = False
+    num_workers: int = 0  # processes used to tokenize the corpus; 0 means all cores
+    val_fraction: float = 0.0  # held-out share when the data has no separate validation file
+    max_docs: int = 0  # use only the first N documents (0 = all); handy for quick experiments
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
+                     "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be a positive integer")
+        for name in ("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be >= 0")
+        if not self.lr > 0:
+            _fail("lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.weight_decay < 0:
+            _fail("weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be in [0, 1)")
+        if self.grad_clip < 0:
+            _fail("grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if self.max_minutes < 0:
+            _fail("max_minutes", self.max_minutes, "must be >= 0 (0 means no limit)")
+        if not 0 <= self.val_fraction < 1:
+            _fail("val_fraction", self.val_fraction, "must be in [0, 1)")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=True and overwrite=True contradict each other; pick one")
+        if self.run_name and (os.sep in self.run_name or self.run_name in (".", "..")):
+            _fail("run_name", self.run_name, "must be a plain folder name without path separators")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,141 @@
+"""The language model: token embedding -> blocks -> final norm -> (tied) head.
+
+Dimension letters: B batch, T time, C model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minlm.config import ModelConfig
+from minlm.modules import Block, LearnedPositions, MoE, make_norm
+from minlm.tracing import Identity, LoggingModule
+
+# projections that write to the residual stream (attention/MLGRU output, MLP or KAN down)
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down.weight", "down.base_weight", "down.spline_weight")
+# T-Fixup shrinks the value path: values, outputs, MLP (and MLGRU candidate) weights
+TFIXUP_SHRUNK = ("v_proj.weight", "o_proj.weight", "c_proj.weight", "up.weight", "gate.weight",
+                 "down.weight", "embed.weight")
+
+
+class LM(LoggingModule):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos = LearnedPositions(cfg.block_size, cfg.dim) if cfg.position == "learned" else Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        blocks: list[nn.Module] = []
+        for i in range(cfg.n_layers):
+            source = cfg.tied_blocks.get(str(i))
+            blocks.append(blocks[source] if source is not None else Block(cfg, i))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # MoE layers report their load-balancing losses here (a plain list: not submodules)
+        self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        self.aux_loss = torch.zeros(())  # last forward's mean load-balancing loss (0 without MoE)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style ``normal`` (residual outputs scaled by 1/sqrt(2L)), ``xavier`` or ``tfixup``."""
+        cfg, std = self.config, self.config.std
+        n_layers = cfg.n_layers
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() < 2:  # norm gains
+                nn.init.ones_(p)
+            elif name in ("embed.weight", "pos.weight"):
+                nn.init.normal_(p, 0.0, std)
+            elif cfg.init == "normal":
+                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1.0
+                nn.init.normal_(p, 0.0, std * scale)
+            else:
+                nn.init.xavier_normal_(p)
+        if cfg.init == "tfixup":  # Huang et al. 2020: shrink value/output/MLP weights by (9L)^-1/4
+            shrink = (9 * n_layers) ** -0.25
+            for name, p in self.named_parameters():
+                if name.endswith(TFIXUP_SHRUNK):
+                    p.mul_(shrink)
+        if not cfg.tie_embeddings and cfg.init != "normal":
+            nn.init.normal_(self.head.weight, 0.0, std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (shared ones counted once); optionally without the embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if isinstance(self.pos, LearnedPositions):
+                n -= self.pos.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache=None, key_valid: torch.Tensor | None = None):
+        """Logits (B, T, V) and, given targets, the mean cross-entropy over unmasked targets.
+
+        ``loss_mask`` (B, T) weights each target (0 drops it); targets equal to -100 are
+        ignored too. ``positions``/``cache``/``key_valid`` serve incremental decoding: block i
+        gets ``cache.layer(i)`` (attention calls ``update(k, v, positions, key_valid)`` on it,
+        the MLGRU reads and writes its ``state``). With mixture-of-experts layers the returned
+        loss includes ``aux_loss_weight`` times the load-balancing loss in training mode only,
+        and ``self.aux_loss`` holds that loss (detached) after every forward.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device)
+        for m in self._moe_layers:
+            m.aux_losses = []
+        x = self.embed(idx) * self.config.embed_scale  # (B, T, C)
+        x = self.drop(self.pos(x, positions))
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layer(i) if cache is not None else None
+            x = block(x, positions=positions, cache=layer_cache, key_valid=key_valid)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        aux = self._collect_aux_loss(logits)
+        if targets is None:
+            return logits, None
+        loss = masked_cross_entropy(logits, targets, loss_mask)
+        if self.training and self._moe_layers:
+            loss = loss + self.config.aux_loss_weight * aux
+        return logits, loss
+
+    def _collect_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """Mean load-balancing loss over every MoE call of this forward (tied blocks count twice)."""
+        losses = [loss for m in self._moe_layers for loss in (m.aux_losses or [])]
+        for m in self._moe_layers:
+            m.aux_losses = None  # drop the references to this step's graph
+        aux = torch.stack(losses).mean() if losses else like.new_zeros((), dtype=torch.float32)
+        self.aux_loss = aux.detach()
+        return aux
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LM":
+        return cls(ModelConfig.from_preset(name, **overrides))
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the targets that count (mask > 0 and target != -100)."""
+    V = logits.shape[-1]
+    flat_logits = logits.reshape(-1, V).float()  # (B*T, V)
+    flat_targets = targets.reshape(-1)  # (B*T,)
+    if loss_mask is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+    losses = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
+    weights = loss_mask.reshape(-1).to(losses.dtype) * (flat_targets != -100)
+    return (losses * weights).sum() / weights.sum().clamp(min=1)

@@ -1,0 +1,111 @@
+"""Causal self-attention: multi-head, grouped-query and multi-query by ``n_kv_heads``.
+
+Dimension letters: B batch, T query positions, S key positions, C model width,
+H query heads, K key/value heads, D head size.
+
+The fast path is ``F.scaled_dot_product_attention``. While a trace records, the scores and
+probabilities are also computed explicitly and passed through probes so a learner can see
+them; soft-capping needs the explicit path, so it always takes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minlm import tracing
+from minlm.modules.bitlinear import make_linear
+from minlm.modules.norm import RMSNorm
+from minlm.modules.position import ALiBi, RoPE
+from minlm.tracing import Identity, LoggingModule, Probe
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where a query may attend: causal, within ``window``, not padding.
+
+    q_pos: (T,) or (B, T); k_pos: (S,) or (B, S); key_valid: (B, S). Returns (T, S) or (B, 1, T, S).
+    """
+    diff = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)  # (T, S) or (B, T, S)
+    allowed = diff >= 0
+    if window:
+        allowed = allowed & (diff < window)
+    if key_valid is not None:
+        allowed = allowed & key_valid.unsqueeze(-2)  # (B, T, S)
+    if allowed.dim() == 3:
+        allowed = allowed.unsqueeze(1)  # (B, 1, T, S)
+    return allowed
+
+
+class Attention(LoggingModule):
+    def __init__(self, cfg, layer_idx: int = 0):
+        super().__init__()
+        C, H, K, D = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
+        self.window, self.softcap, self.layer_idx = cfg.window, cfg.attn_softcap, layer_idx
+        self.q_proj = make_linear(cfg, C, H * D, bias=cfg.attn_bias)
+        self.k_proj = make_linear(cfg, C, K * D, bias=cfg.attn_bias)
+        self.v_proj = make_linear(cfg, C, K * D, bias=cfg.attn_bias)
+        self.o_proj = make_linear(cfg, H * D, C, bias=cfg.attn_bias)
+        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else Identity()
+        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else Identity()
+        self.rope = RoPE(D, cfg.block_size, cfg.rope_theta) if cfg.position == "rope" else Identity()
+        self.alibi = ALiBi(H) if cfg.position == "alibi" else None
+        # probe points: each shows one inner step in a trace
+        self.q_heads, self.k_heads, self.v_heads = Probe(), Probe(), Probe()
+        self.scores, self.probs, self.merge_heads = Probe(), Probe(), Probe()
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if positions is None:
+            positions = torch.arange(T, device=x.device)
+        q = self.q_heads(self.q_proj(x).view(B, T, H, D).transpose(1, 2))  # (B, H, T, D)
+        k = self.k_heads(self.k_proj(x).view(B, T, K, D).transpose(1, 2))  # (B, K, T, D)
+        v = self.v_heads(self.v_proj(x).view(B, T, K, D).transpose(1, 2))  # (B, K, T, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        k_pos = positions
+        if cache is not None:  # this layer's cache (LM passes cache.layer(i)): append, attend to all
+            k, v, k_pos, key_valid = cache.update(k, v, positions, key_valid)
+        if K != H:
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // K, dim=1)
+        y = self._attend(q, k, v, positions, k_pos, key_valid)  # (B, H, T, D)
+        y = self.merge_heads(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+        return self.o_proj(y)
+
+    def _attend(self, q, k, v, q_pos, k_pos, key_valid):
+        T, S = q.shape[2], k.shape[2]
+        plain_causal = (self.alibi is None and not self.window and key_valid is None
+                        and T == S and q_pos.dim() == 1)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap or tracing.enabled():
+            probs = self._explicit_probs(q, k, q_pos, k_pos, key_valid)
+            if self.softcap:
+                probs = F.dropout(probs, dropout, self.training)
+                return probs @ v
+        if plain_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        mask = attention_mask(q_pos, k_pos, self.window, key_valid)
+        if self.alibi is not None:
+            bias = self.alibi(q_pos, k_pos).to(q.dtype)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def _explicit_probs(self, q, k, q_pos, k_pos, key_valid):
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, H, T, S)
+        if self.softcap:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.alibi is not None:
+            scores = scores + self.alibi(q_pos, k_pos).to(scores.dtype)
+        mask = attention_mask(q_pos, k_pos, self.window, key_valid)
+        scores = self.scores(scores.masked_fill(~mask, float("-inf")))
+        return self.probs(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+
+    def extra_flops(self, args, output) -> int:
+        x = args[0]
+        B, T = x.shape[0], x.shape[1]
+        return 4 * B * self.n_heads * T * T * self.head_dim  # scores and weighted sum

@@ -1,0 +1,48 @@
+"""Channel mixers: plain and gated MLPs, chosen by ``ModelConfig.activation``.
+
+Dimension letters: B batch, T time, C model width, F hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minlm.modules.bitlinear import make_linear
+from minlm.tracing import LoggingModule, Probe
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's GELU
+
+
+ACTIVATIONS = {"gelu": gelu_tanh, "relu": F.relu, "silu": F.silu, "relu2": relu2,
+               "swiglu": F.silu, "geglu": gelu_tanh}
+GATED = {"swiglu", "geglu"}
+
+
+class MLP(LoggingModule):
+    """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated variants."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, F_ = cfg.dim, cfg.ffn_dim
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gated = cfg.activation in GATED
+        self.gate = make_linear(cfg, C, F_, bias=cfg.mlp_bias) if self.gated else None
+        self.up = make_linear(cfg, C, F_, bias=cfg.mlp_bias)
+        self.down = make_linear(cfg, F_, C, bias=cfg.mlp_bias)
+        self.hidden = Probe()
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = self.act(self.gate(x)) * self.up(x)  # (B, T, F)
+        else:
+            h = self.act(self.up(x))  # (B, T, F)
+        return self.drop(self.down(self.hidden(h)))

@@ -1,0 +1,63 @@
+"""Normalisation layers, chosen by ``ModelConfig.norm`` through ``NORMS``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minlm.tracing import LoggingModule
+
+
+class RMSNorm(LoggingModule):
+    """Root-mean-square norm, computed in fp32 as Llama does, then cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype)
+        return h * self.weight if self.weight is not None else h
+
+
+class LayerNorm(LoggingModule):
+    """LayerNorm with optional bias (GPT-2 has one, many newer models drop it)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+class CosineNorm(LoggingModule):
+    """Projects each vector onto the sphere of radius sqrt(dim), then an optional learned gain.
+
+    Unlike RMSNorm it has no epsilon inside the root, so the output norm is exact.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(x.float(), dim=-1, eps=self.eps).to(x.dtype) * self.scale
+        return h * self.weight if self.weight is not None else h
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "cosinenorm": CosineNorm}
+
+
+def make_norm(cfg, dim: int | None = None) -> LoggingModule:
+    return NORMS[cfg.norm](dim or cfg.dim, eps=cfg.norm_eps, affine=cfg.norm_affine,
+                           bias=cfg.norm_bias)

@@ -1,0 +1,31 @@
+"""Shared fixtures: where the real data lives, and tiny configs that train in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The shared real-data folder (``MINLM_DATA_DIR``, as CI sets it), else ../shared/data."""
+    env = os.environ.get("MINLM_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = data_dir()
+    if not (d / "tinystories" / "train.txt").exists():
+        pytest.fail(f"real data not found under {d}; set MINLM_DATA_DIR to the shared data folder")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield

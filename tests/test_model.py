@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+
+from minlm import LM, ModelConfig
+from minlm.modules import Attention
+from minlm.modules.position import RoPE
+from minlm.presets import PRESETS
+
+SMALL = [n for n in PRESETS if not n.endswith(("20m", "40m"))]
+
+
+def _nominal(name: str) -> float:
+    return float(name.split("-")[1].rstrip("m")) * 1e6
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_param_count_matches_its_name(name):
+    n = LM.from_preset(name).num_params()
+    assert 0.8 * _nominal(name) <= n <= 1.25 * _nominal(name), n
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_forward_shapes_and_init_loss(name):
+    torch.manual_seed(0)
+    model = LM.from_preset(name).eval()
+    V = model.config.vocab_size
+    B, T = 8, 64  # 512 targets keep the sampling noise of the mean loss near 0.01
+    idx = torch.randint(0, V, (B, T))
+    targets = torch.randint(0, V, (B, T))  # independent of the input: tied embeddings would
+    with torch.no_grad():                  # otherwise favour copying the input token
+        logits, loss = model(idx, targets=targets)
+    assert logits.shape == (B, T, V)
+    assert abs(loss.item() - math.log(V)) < 0.1, (loss.item(), math.log(V))
+
+
+def test_param_count_by_hand():
+    cfg = ModelConfig(vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=40, block_size=8)
+    C, K, D, F_, V = 16, 2, 4, 40, 100
+    per_block = C * C + 2 * C * K * D + C * C + 3 * C * F_ + 2 * C  # q,k,v,o, mlp, 2 norms
+    assert LM(cfg).num_params() == V * C + 2 * per_block + C
+    assert LM(cfg).num_params(non_embedding=True) == 2 * per_block + C
+    untied = LM(cfg.replace(tie_embeddings=False))
+    assert untied.num_params() == 2 * V * C + 2 * per_block + C
+
+
+@pytest.mark.parametrize("name", ["llama-0.5m", "gpt2-0.5m"])
+def test_causality(name):
+    torch.manual_seed(0)
+    model = LM.from_preset(name).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, 24))
+    t = 10
+    changed = idx.clone()
+    changed[0, t] = (changed[0, t] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t], b[:, t])
+
+
+def test_gqa_with_all_kv_heads_equals_mha():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_heads=4, block_size=16)
+    mha = Attention(cfg).eval()
+    gqa = Attention(cfg.replace(n_kv_heads=4)).eval()
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(mha(x), gqa(x), atol=1e-6)
+
+
+def test_gqa_shares_kv_heads_like_repeated_mha():
+    """GQA with K kv heads equals MHA whose k/v weights repeat each kv head H/K times."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, block_size=16)
+    gqa = Attention(cfg).eval()
+    mha = Attention(cfg.replace(n_kv_heads=0)).eval()
+    sd = gqa.state_dict()
+    D = cfg.head_size
+    for name in ("k_proj.weight", "v_proj.weight"):
+        w = sd[name].view(2, D, 32)  # (K, D, C)
+        sd[name] = w.repeat_interleave(2, dim=0).reshape(4 * D, 32)
+    mha.load_state_dict(sd)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(mha(x), gqa(x), atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_offset():
+    torch.manual_seed(0)
+    rope = RoPE(head_dim=16, max_len=64)
+    q = torch.randn(1, 1, 1, 16)
+    k = torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        qi = rope(q, torch.tensor([i]))
+        kj = rope(k, torch.tensor([j]))
+        return (qi * kj).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(7, 7) == pytest.approx(score(0, 0), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    # and it extrapolates past the table it was built with
+    assert score(100, 97) == pytest.approx(score(5, 2), abs=1e-4)
+
+
+def test_loss_mask_drops_targets():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=50, dim=16, n_heads=2, n_layers=1, block_size=8)).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    mask = torch.zeros(2, 8)
+    mask[:, -3:] = 1
+    with torch.no_grad():
+        logits, masked = model(idx, targets=idx, loss_mask=mask)
+        targets = idx.clone()
+        targets[:, :-3] = -100
+        _, ignored = model(idx, targets=targets)
+    manual = torch.nn.functional.cross_entropy(logits[:, -3:].reshape(-1, 50), idx[:, -3:].reshape(-1))
+    assert masked.item() == pytest.approx(manual.item(), abs=1e-6)
+    assert ignored.item() == pytest.approx(manual.item(), abs=1e-6)
+
+
+def test_eval_mode_is_deterministic_with_dropout():
+    model = LM(ModelConfig(vocab_size=50, dim=16, n_heads=2, n_layers=2, block_size=8, dropout=0.5))
+    idx = torch.randint(0, 50, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_residual_projections_are_scaled_at_init():
+    model = LM.from_preset("llama-5m")
+    std = model.config.std
+    o = model.blocks[0].attn.o_proj.weight.std().item()
+    q = model.blocks[0].attn.q_proj.weight.std().item()
+    assert q == pytest.approx(std, rel=0.05)
+    assert o == pytest.approx(std / math.sqrt(2 * model.config.n_layers), rel=0.05)
+    x = LM(model.config.replace(init="xavier")).blocks[0].attn.q_proj.weight
+    assert x.std().item() == pytest.approx(math.sqrt(2 / (x.shape[0] + x.shape[1])), rel=0.05)
