@@ -1,0 +1,274 @@
+"""``python -m minlm <command>``: a thin layer over the functions the notebooks call too.
+
+Errors from bad input print one line and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_trace(args) -> None:
+    import torch
+
+    from minlm.config import ModelConfig
+    from minlm.model import LM
+
+    cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
+    model = LM(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens))
+    t = model.trace(idx)
+    print(f"{args.preset}: {model.num_params():,} parameters "
+          f"({model.num_params(non_embedding=True):,} without embeddings)")
+    print(t.format(stats=not args.no_stats, max_depth=args.depth))
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Route each ``key=value`` to ModelConfig or TrainConfig; unknown keys list both."""
+    from minlm.config import ConfigError, ModelConfig, TrainConfig
+
+    model_keys, train_keys = set(ModelConfig.field_names()), set(TrainConfig.field_names())
+    model_items, train_items = [], []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].strip().replace("-", "_")
+        if key in model_keys:
+            model_items.append(item)
+        elif key in train_keys:
+            train_items.append(item)
+        else:
+            raise ConfigError(
+                f"unknown setting {key!r}; model settings: {', '.join(ModelConfig.field_names())}; "
+                f"training settings: {', '.join(TrainConfig.field_names())}")
+    return model_items, train_items
+
+
+def cmd_train(args) -> None:
+    from pathlib import Path
+
+    from minlm.config import ModelConfig, TrainConfig
+    from minlm.runs import read_configs
+    from minlm.train import train
+
+    model_items, train_items = split_overrides(args.overrides)
+    train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
+    run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
+    if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
+        model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved
+        train_cfg = saved_train.replace(resume=True, overwrite=False).with_overrides(train_items)
+        model_cfg = model_cfg.with_overrides(model_items)
+    else:
+        model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
+        train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
+    result = train(model_cfg, train_cfg)
+    print(result)
+
+
+def _sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+_ANSI_BACKGROUNDS = ["\033[48;5;224m", "\033[48;5;194m", "\033[48;5;189m", "\033[48;5;230m"]
+
+
+def show_tokens(tokenizer, ids: list[int], colour: bool) -> str:
+    """Each token of ``ids`` in turn: alternating background colours on a terminal (hover-free
+    but easy to tell apart), otherwise in brackets as ``Tokenizer.display`` prints them."""
+    shown = tokenizer.display(ids)
+    if not colour:
+        return str(shown)
+    out = [f"\033[30m{_ANSI_BACKGROUNDS[k % len(_ANSI_BACKGROUNDS)]}{p}" for k, p in
+           enumerate(shown.pieces)]
+    return "".join(out).replace("\n", "\\n\033[0m\n") + "\033[0m"
+
+
+def cmd_generate(args) -> None:
+    from minlm.generate import complete, stream
+    from minlm.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    sampling = _sampling(args)
+    if len(args.prompts) == 1 and not args.show_tokens:  # one prompt: stream it as it comes
+        print(args.prompts[0], end="", flush=True)
+        for piece in stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
+                            stop=args.stop, use_cache=not args.no_cache, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return
+    results = complete(run.model, run.tokenizer, args.prompts, args.max_new_tokens,
+                       stop=args.stop, use_cache=not args.no_cache, **sampling)
+    colour = sys.stdout.isatty() and not args.brackets
+    for i, c in enumerate(results):
+        if args.show_tokens:
+            print(show_tokens(run.tokenizer, c.prompt_ids[1:] + c.ids, colour))
+        else:
+            print(c.prompt + c.text)
+        if i < len(results) - 1:
+            print("-" * 40)
+
+
+def cmd_chat(args) -> None:
+    from minlm.generate import Chat
+    from minlm.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    chat = Chat(run.model, run.tokenizer, system=args.system,
+                max_new_tokens=args.max_new_tokens, **_sampling(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {run.name}; /reset clears the history, /quit (or Ctrl-D) ends")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        message = line.strip()
+        if message == "/quit":
+            break
+        if message == "/reset":
+            chat.history.clear()
+            continue
+        if not message:
+            continue
+        try:
+            print("assistant> ", end="", flush=True)
+            for piece in chat.stream_reply(message):
+                print(piece, end="", flush=True)
+            print()
+        except ValueError as e:  # e.g. a message too long for the context: say so, go on
+            print(f"\nerror: {e}", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from minlm.evaluate import evaluate_file
+    from minlm.runs import load_run
+
+    run = load_run(args.run, device=args.device)
+    result = evaluate_file(run.model, run.tokenizer, args.data, max_docs=args.max_docs,
+                           batch_size=args.batch_size)
+    print(f"{run.name} on {args.data}")
+    print(result)
+
+
+def cmd_compare(args) -> None:
+    import pandas as pd
+
+    from minlm.evaluate import compare, side_by_side
+
+    table, fig = compare(args.runs, x=args.x)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    if args.prompts:
+        samples = side_by_side(args.runs, args.prompts, args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed)
+        for prompt, row in samples.iterrows():
+            print(f"\n=== {prompt}")
+            for run_name, text in row.items():
+                print(f"--- {run_name}: {prompt}{text}")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL-style penalty on tokens already present (1: none)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minlm", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("trace", help="print the shape trace of a preset model")
+    t.add_argument("--preset", default="llama-1m", help="model preset name")
+    t.add_argument("--batch", type=int, default=1, help="batch size of the dummy input")
+    t.add_argument("--tokens", type=int, default=16, help="sequence length of the dummy input")
+    t.add_argument("--depth", type=int, default=None, help="deepest level of the tree shown")
+    t.add_argument("--no-stats", action="store_true", help="hide min/mean/max of outputs")
+    t.add_argument("overrides", nargs="*", help="ModelConfig overrides as key=value")
+    t.set_defaults(func=cmd_trace)
+
+    tr = sub.add_parser("train", help="train a model and write a run folder",
+                        description="Train a model. Any ModelConfig or TrainConfig field can be "
+                        "set as key=value, e.g. max_iters=500 lr=1e-3 dim=192.")
+    tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
+    tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    tr.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="continue prompts with a trained run")
+    g.add_argument("run", help="run name under trained_models/ or a run folder path")
+    g.add_argument("prompts", nargs="+", help="one or more prompts (several run as one batch)")
+    _add_sampling_args(g)
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop a continuation at this text (repeatable)")
+    g.add_argument("--show-tokens", action="store_true",
+                   help="show each token: colours on a terminal, else brackets")
+    g.add_argument("--brackets", action="store_true", help="with --show-tokens: never colour")
+    g.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context every step (slow; for checking)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk with a chat-tuned run in the terminal",
+                       description="Reads your messages from stdin, one per line; /reset "
+                       "clears the history, /quit or end of input stops.")
+    c.add_argument("run", help="run name under trained_models/ or a run folder path")
+    _add_sampling_args(c, temperature=0.7)
+    c.add_argument("--system", default="", help="system message placed before the conversation")
+    c.set_defaults(func=cmd_chat, max_new_tokens=200)
+
+    e = sub.add_parser("eval", help="loss, perplexity, bits per byte and top-k accuracy of a run "
+                       "over a whole text file")
+    e.add_argument("run", help="run name under trained_models/ or a run folder path")
+    e.add_argument("--data", required=True,
+                   help="held-out text file (.txt, .jsonl, .json or .parquet)")
+    e.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    e.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
+
+    cp = sub.add_parser("compare", help="final figures and loss curves of several runs")
+    cp.add_argument("runs", nargs="+", help="run names or run folder paths")
+    cp.add_argument("--x", default="step", choices=["step", "tokens", "time"],
+                    help="x axis of the plot of validation bits per byte")
+    cp.add_argument("--out", default="compare.png", help="where to write the plot (PNG)")
+    cp.add_argument("--prompt", dest="prompts", action="append", default=[],
+                    help="also print every run's completion of this prompt (repeatable)")
+    cp.add_argument("--max-new-tokens", type=int, default=60)
+    cp.add_argument("--temperature", type=float, default=0.0, help="for --prompt; 0: greedy")
+    cp.add_argument("--seed", type=int, default=0, help="for --prompt")
+    cp.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,91 @@
+"""Model FLOPs per token and the device's peak, for model FLOPs utilisation (MFU).
+
+FLOPs per token follow the PaLM appendix: 6 x (parameters in matmuls) for forward and
+backward, plus 12 x layers x heads x head size x context for attention scores. Peaks: a
+table of dense bf16/fp32 figures for common GPUs, and for CPUs a short matmul probe at
+start-up whose result is cached per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from minlm.config import ModelConfig
+
+# dense peak FLOP/s by device-name substring: (bf16, fp32); from the vendors' data sheets
+GPU_PEAKS = {
+    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
+    "A10G": (125e12, 31.2e12), "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12),
+    "A6000": (155e12, 38.7e12), "4090": (165e12, 82.6e12), "3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12),
+}
+
+
+def flops_per_token(cfg: ModelConfig, n_params_matmul: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token of context ``cfg.block_size``."""
+    if n_params_matmul is None:
+        from minlm.runs import estimate_params
+
+        # lookups cost no matmul: drop the position table, and the token table unless it is
+        # tied to the head (then it is counted once, as the head's matmul)
+        n_params_matmul = (estimate_params(cfg)
+                           - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+                           - cfg.block_size * cfg.dim * (cfg.position == "learned"))
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * cfg.block_size
+    if cfg.mixer != "attention":
+        attention = 0
+    return 6 * n_params_matmul + attention
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("MINLM_CACHE_DIR", Path.home() / ".cache" / "minlm"))
+    return root / "peak_flops.json"
+
+
+def cpu_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """Measured matmul FLOP/s of this CPU at the current thread count (cached per machine)."""
+    key = f"{platform.node()}|{platform.processor()}|{torch.get_num_threads()}|{dtype}"
+    path = _cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    n = 1024
+    # a private generator: the probe must not move the global RNG, or a run that measures
+    # the peak would draw different dropout masks from one that found it in the cache
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    peak = 2 * n**3 * count / (time.perf_counter() - start)
+    cache[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-measure next time
+    return peak
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float | None:
+    """Peak FLOP/s of ``device`` for the precision used, or None if unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (p16, p32) in GPU_PEAKS.items():
+            if key in name:
+                return p16 if bf16 else p32
+        return None
+    if device.type == "cpu":
+        return cpu_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+    return None

@@ -1,0 +1,349 @@
+"""The run folder: the unit that is compared, resumed, fine-tuned and shared.
+
+``trained_models/<run>/`` holds ``model_config.json``, ``train_config.json`` (with a ``meta``
+block: data source, tokenizer path and hash, library versions), ``model.safetensors``,
+``log.csv``, a copy of the tokenizer, ``README.md`` and ``checkpoint-<step>.pt`` files for
+exact resume. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minlm.config import ModelConfig, TrainConfig
+from minlm.fileio import atomic_path, atomic_write_text
+from minlm.model import LM
+
+LOG_COLUMNS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb",
+               "tokens_per_s", "grad_norm", "mfu", "aux_loss"]
+WEIGHTS = "model.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+REQUIRED_FILES = ("model_config.json", "train_config.json", WEIGHTS)
+
+
+class RunError(ValueError):
+    """A run folder that is missing, incomplete or disagrees with what is being loaded."""
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("MINLM_RUNS_DIR", "trained_models"))
+
+
+def resolve_run_dir(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike | None = None) -> Path:
+    """A run given by path, or by name under ``runs_dir`` (default ``trained_models/``)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    base = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    candidate = base / str(name_or_path)
+    if candidate.is_dir():
+        return candidate
+    available = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    raise RunError(f"no run folder {str(name_or_path)!r} (looked in {base}); available runs: "
+                   f"{', '.join(available) or 'none'}")
+
+
+def library_versions() -> dict[str, str]:
+    import minlm
+
+    return {"minlm": minlm.__version__, "torch": str(torch.__version__),
+            "python": platform.python_version()}
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def save_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 meta: dict[str, Any]) -> None:
+    model_cfg.to_json(run_dir / "model_config.json")
+    payload = {**train_cfg.to_dict(), "meta": meta}
+    atomic_write_text(run_dir / "train_config.json", json.dumps(payload, indent=2) + "\n")
+
+
+def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None) -> None:
+    """Weights of the unwrapped model in safetensors (shared tensors, e.g. a tied head, once).
+
+    ``state_dict`` (e.g. gathered from FSDP shards) is loaded into a CPU copy first."""
+    from safetensors.torch import save_model
+
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    sharded = any(type(p.data).__name__ == "DTensor" for p in model.parameters())  # FSDP2
+    if state_dict is not None and sharded:
+        model = LM(model.config)
+        model.load_state_dict(state_dict)
+    with atomic_path(run_dir / WEIGHTS) as tmp:
+        save_model(model, str(tmp))
+
+
+def copy_tokenizer(run_dir: Path, tokenizer) -> Path:
+    """Save the tokenizer into the run (``tokenizer.model`` or ``tokenizer.json``) so the folder
+    is self-contained; its hash is recorded in train_config.json."""
+    from minlm.tokenizer import SentencePieceTokenizer
+
+    suffix = ".model" if isinstance(tokenizer, SentencePieceTokenizer) else ".json"
+    dest = run_dir / f"tokenizer{suffix}"
+    if not dest.exists() or dest.read_bytes() != tokenizer.to_bytes():
+        tokenizer.save(dest)
+    return dest
+
+
+def write_log(run_dir: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+    atomic_write_text(run_dir / "log.csv", buf.getvalue())
+
+
+def append_log_row(run_dir: Path, row: dict) -> None:
+    """Append one row as it happens, for anyone watching; checkpoints rewrite the whole file."""
+    with open(Path(run_dir) / "log.csv", "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore").writerow(
+            {k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)  # exact round trip: resumed logs compare equal
+    return v
+
+
+def read_log(run_dir: Path):
+    import pandas as pd
+
+    path = Path(run_dir) / "log.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=LOG_COLUMNS)
+    return pd.read_csv(path)
+
+
+def read_log_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(v: str) -> Any:
+    if v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the run's checkpoints, newest first."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*.pt"):
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:
+    path = run_dir / f"checkpoint-{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for _, old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path, log=print) -> dict:
+    """The newest checkpoint that loads; a torn or corrupted one is skipped with a message.
+
+    Loading uses ``weights_only=True``: a checkpoint holding pickled code is refused.
+    """
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise RunError(f"run {run_dir} has no checkpoint-*.pt to resume from")
+    errors = []
+    for step, path in checkpoints:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: try the next one
+            errors.append(f"{path.name}: {str(e).splitlines()[0][:200]}")
+            log(f"checkpoint {path.name} is unreadable ({errors[-1]}); trying an older one")
+            continue
+        if errors:
+            log(f"resuming from {path.name} (step {step})")
+        return state
+    raise RunError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
+
+
+def checkpoint_bytes(model: LM) -> int:
+    """About what a checkpoint takes: fp32 weights plus two AdamW moments."""
+    return 3 * 4 * model.num_params()
+
+
+def disk_space_problem(run_dir: Path, model: LM) -> str:
+    """Why a checkpoint cannot be written safely now, or "" if it can (room for two copies)."""
+    need = 2 * checkpoint_bytes(model) + 4 * model.num_params() + (1 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        return (f"not enough disk space in {run_dir}: a checkpoint needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+    return ""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a new run: free GPU memory, or available RAM on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every OS reports it
+        return 1 << 62
+
+
+def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, a run whose estimate exceeds the memory free."""
+    from minlm.memory import estimate_training_bytes
+
+    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
+    free = available_memory(device)
+    if est > free:
+        raise MemoryError(oom_message(None, train_cfg, model_cfg) + f"; {free / 2**30:.2f} GiB "
+                          f"are free on {device}")
+
+
+def oom_message(model: LM | None, train_cfg: TrainConfig, model_cfg: ModelConfig) -> str:
+    from minlm.memory import estimate_training_bytes
+
+    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
+    n = model.num_params() if model is not None else estimate_params(model_cfg)
+    return (f"out of memory training {n:,} parameters at batch_size="
+            f"{train_cfg.batch_size}, block_size={model_cfg.block_size} (estimated "
+            f"{est / 2**30:.2f} GiB); try batch_size={max(1, train_cfg.batch_size // 2)} with "
+            f"grad_accum_steps={train_cfg.grad_accum_steps * 2}, or a smaller block_size")
+
+
+def estimate_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return LM(cfg).num_params()
+
+
+# --- reading -------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """A loaded run: the model (eval mode), its tokenizer, configs and log."""
+
+    path: Path
+    model: LM
+    tokenizer: Any
+    model_config: ModelConfig
+    train_config: TrainConfig
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def log(self):
+        return read_log(self.path)
+
+
+def read_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict]:
+    missing = [f for f in ("model_config.json", "train_config.json") if not (run_dir / f).exists()]
+    if missing:
+        raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
+    model_cfg = ModelConfig.from_json(run_dir / "model_config.json")
+    data = json.loads((run_dir / "train_config.json").read_text())
+    meta = data.pop("meta", {})
+    known = set(TrainConfig.field_names())
+    return model_cfg, TrainConfig.from_dict({k: v for k, v in data.items() if k in known}), meta
+
+
+def find_tokenizer_file(run_dir: Path) -> Path:
+    found = sorted(run_dir.glob("tokenizer*"))
+    if not found:
+        raise RunError(f"run folder {run_dir} has no tokenizer file (tokenizer.*)")
+    return found[0]
+
+
+def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+             runs_dir: str | os.PathLike | None = None) -> Run:
+    """Model + tokenizer ready for inference, from a run folder or a run name."""
+    from safetensors.torch import load_model
+
+    from minlm.tokenizer import load_tokenizer
+
+    run_dir = resolve_run_dir(name_or_path, runs_dir)
+    missing = [f for f in REQUIRED_FILES if not (run_dir / f).exists()]
+    if missing:
+        raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
+    model_cfg, train_cfg, meta = read_configs(run_dir)
+    model = LM(model_cfg)
+    try:
+        load_model(model, str(run_dir / WEIGHTS), strict=True)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types; name the file
+        raise RunError(f"cannot load weights from {run_dir / WEIGHTS}: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(find_tokenizer_file(run_dir))
+    expected = meta.get("tokenizer_hash")
+    if expected and tokenizer.hash != expected:
+        raise RunError(f"tokenizer in {run_dir} has hash {tokenizer.hash[:12]}, but the run was "
+                       f"trained with {expected[:12]}")
+    return Run(run_dir, model.to(device).eval(), tokenizer, model_cfg, train_cfg, meta)
+
+
+def list_runs(runs_dir: str | os.PathLike | None = None):
+    """One row per run folder with its size and final figures, best val bits per byte first."""
+    import pandas as pd
+
+    base = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    rows = []
+    for d in sorted(base.glob("*/model_config.json")):
+        run_dir = d.parent
+        try:
+            model_cfg, train_cfg, meta = read_configs(run_dir)
+        except Exception:  # noqa: BLE001 - a broken folder is listed, not fatal
+            rows.append({"run": run_dir.name, "status": "unreadable config"})
+            continue
+        log = read_log(run_dir)
+        evals = log.dropna(subset=["val_loss"]) if len(log) else log
+        last = log.iloc[-1] if len(log) else None
+        last_eval = evals.iloc[-1] if len(evals) else None
+        rows.append({
+            "run": run_dir.name,
+            "preset": train_cfg.preset,
+            "params": meta.get("params"),
+            "vocab_size": model_cfg.vocab_size,
+            "steps": int(last["step"]) if last is not None else 0,
+            "tokens": int(last["tokens"]) if last is not None else 0,
+            "elapsed_min": round(float(last["elapsed_s"]) / 60, 2) if last is not None else None,
+            "val_loss": float(last_eval["val_loss"]) if last_eval is not None else None,
+            "val_bpb": float(last_eval["val_bpb"]) if last_eval is not None else None,
+            "status": meta.get("status", ""),
+            "path": str(run_dir),
+        })
+    df = pd.DataFrame(rows)
+    if len(df) and "val_bpb" in df:
+        df = df.sort_values("val_bpb", na_position="last").reset_index(drop=True)
+    return df
