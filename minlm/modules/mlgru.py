@@ -1,0 +1,89 @@
+"""MLGRU: the MatMul-free linear GRU token mixer (Zhu et al. 2024, "Scalable MatMul-free
+Language Modeling", section 3.3), used in place of attention with ``mixer="mlgru"``.
+
+Hand-written: the reference code (ridger/matmulfreellm) needs Triton kernels and a GPU; no
+maintained CPU-friendly library provides this mixer.
+
+    f_t = sigmoid(x_t W_f)                 forget gate
+    c_t = silu(x_t W_c)                    candidate
+    h_t = f_t * h_{t-1} + (1 - f_t) * c_t  element-wise recurrence, no matrix on h
+    g_t = sigmoid(x_t W_g)                 output gate
+    o_t = (g_t * h_t) W_o
+
+With ``linear="bitlinear"`` the four projections are ternary BitLinear layers, which is what
+makes the model free of floating-point matrix multiplications. The recurrence is computed
+over the whole sequence with a log-depth parallel scan; incremental decoding carries h.
+
+Dimension letters: B batch, T time, C model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minlm.modules.bitlinear import make_linear
+from minlm.tracing import LoggingModule, Probe
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """All h_t of h_t = a_t * h_{t-1} + b_t along dim 1, in ceil(log2 T) vectorised steps.
+
+    a, b: (B, T, C); h0: (B, C) or None (zeros). Hillis-Steele scan of the associative pairs
+    (a, b): after the step with offset d, (a_t, b_t) summarise steps t-2d+1..t.
+    """
+    T = a.shape[1]
+    d = 1
+    while d < T:
+        b = b + a * F.pad(b[:, :-d], (0, 0, d, 0))  # (B, T, C): b_{t-d}, zero before the start
+        a = a * F.pad(a[:, :-d], (0, 0, d, 0), value=1.0)  # (B, T, C): a_{t-d}, one before it
+        d *= 2
+    if h0 is not None:
+        b = b + a * h0.unsqueeze(1)  # (B, T, C): a now holds the products a_1 ... a_t
+    return b
+
+
+class MLGRU(LoggingModule):
+    """Token mixer with a recurrent state instead of a KV cache.
+
+    Incremental decoding: ``cache`` is the per-layer object that ``LM.forward`` passes in
+    (``cache.layer(i)``). The MLGRU reads ``cache.state`` (absent or None at first: a zero
+    state) and writes back ``cache.state``, a (B, C) tensor holding h after the last token.
+    ``key_valid`` (B, S) marks real tokens; its last T columns are this call's tokens, and a
+    padding token leaves the state unchanged (forget gate 1, input 0). ``positions`` is
+    accepted for the common mixer interface and not used: the recurrence knows the order.
+    """
+
+    def __init__(self, cfg, layer_idx: int = 0):
+        super().__init__()
+        C = cfg.dim
+        self.layer_idx = layer_idx
+        self.f_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
+        self.c_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
+        self.g_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
+        self.o_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
+        # probe points: the gates and the hidden states, for traces
+        self.forget, self.candidate, self.hidden = Probe(), Probe(), Probe()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        T = x.shape[1]
+        f = self.forget(torch.sigmoid(self.f_proj(x)))  # (B, T, C)
+        c = self.candidate(F.silu(self.c_proj(x)))  # (B, T, C)
+        a, b = f, (1 - f) * c
+        if key_valid is not None:  # padding keeps the state: a = 1, b = 0
+            valid = key_valid[:, -T:].unsqueeze(-1)  # (B, T, 1)
+            a = torch.where(valid, a, torch.ones_like(a))
+            b = b * valid.to(b.dtype)
+        h0 = getattr(cache, "state", None) if cache is not None else None
+        h = self.hidden(linear_scan(a, b, h0))  # (B, T, C)
+        if cache is not None:
+            cache.state = h[:, -1]  # (B, C)
+        g = torch.sigmoid(self.g_proj(x))  # (B, T, C)
+        return self.o_proj(g * h)
+
+    def extra_flops(self, args, output) -> int:
+        x = args[0]
+        B, T, C = x.shape
+        steps = max(1, (T - 1).bit_length())
+        return B * T * C * (8 + 3 * steps)  # gates, recurrence scan, output gating
