@@ -1,0 +1,667 @@
+"""Text generation: KV cache, batched prompts of different lengths, streaming, stop strings,
+and the usual sampling controls (temperature, top-k, top-p, min-p, repetition penalty, seed).
+
+With the cache (the default) the prompt is run once (prefill) and then one token per step;
+``use_cache=False`` recomputes the whole context every step and gives the same tokens, which
+is what the tests check. Prompts of different lengths are left-padded: each row gets its own
+positions (its first real token is position 0) and padding is masked out of attention and
+skipped by recurrent mixers, so a row comes out as if it had been generated alone.
+
+Cached steps of the standard pre-norm transformer block (Llama, GPT-2, ALiBi, windowed,
+GQA/MQA) run through ``FusedStep``, a hand-fused one-token step that is several times faster
+on a CPU than ``LM.forward``; other architectures step through ``LM.forward`` with the cache.
+
+The context is the model's ``block_size`` (recurrent models without learned positions have
+no limit). A prompt longer than that is refused; when generation reaches the limit, the
+context slides: decoding continues from the last three quarters of the sequence, with
+positions counted from its start (one prefill, then the cache again).
+
+Dimension letters: B batch, T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minlm.kvcache import KVCache
+from minlm.modules.attention import attention_mask
+from minlm.tracing import Identity
+
+# --- sampling ----------------------------------------------------------------------------
+
+def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
+    """Refuse sampling settings that cannot work, naming the setting and what is allowed."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} is invalid: must be >= 0 (0 means greedy)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 0 (0 keeps all)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is invalid: must be in (0, 1] (1 keeps all)")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p} is invalid: must be in [0, 1] (0 keeps all)")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} is invalid: must be > 0 "
+                         "(1 means none; 1.1-1.3 discourages repeats)")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the allowed set; logits (B, V) are already tempered.
+
+    top-k keeps the k largest; min-p keeps tokens with probability >= min_p times the largest;
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # keep the first token past p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): for tokens already in the sequence (``seen`` (B, V)
+    True), positive logits are divided by ``penalty`` and negative ones multiplied by it."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, min_p: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); greedy when temperature is 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p, min_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- the fused one-token step -------------------------------------------------------------
+
+def fused_step_problem(model) -> str:
+    """Why ``FusedStep`` cannot run ``model`` ("" when it can): it covers the standard pre-norm
+    block of plain linear layers (Llama, GPT-2, ALiBi, sliding-window and GQA/MQA variants)."""
+    from torch import nn
+
+    from minlm.modules import Attention, LearnedPositions
+    from minlm.modules.mlp import MLP
+
+    cfg = model.config
+    if cfg.mixer != "attention" or cfg.block_spec.split() != ["norm>attn>+", "norm>mlp>+"]:
+        return f"mixer={cfg.mixer!r}, block_spec={cfg.block_spec!r}"
+    if cfg.attn_softcap or cfg.qk_norm:
+        return "attention soft-capping or qk_norm"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks are registered (a trace is recording)"
+    if not isinstance(model.pos, (LearnedPositions, Identity)):
+        return f"position module {type(model.pos).__name__}"
+    for block in model.blocks:
+        parts = dict(block.named_children())
+        attn, mlp = parts.get("attn"), parts.get("mlp")
+        if type(attn) is not Attention or type(mlp) is not MLP:
+            return f"block parts {type(attn).__name__}/{type(mlp).__name__}"
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up, mlp.down]
+        linears += [mlp.gate] if mlp.gated else []
+        if any(type(m) is not nn.Linear for m in linears):  # e.g. BitLinear, LoRA wrappers
+            return "projections that are not plain nn.Linear"
+    return ""
+
+
+def _norm_fn(norm):
+    """The norm as one fused call where one exists with the same result, else its forward."""
+    from minlm.modules.norm import LayerNorm, RMSNorm
+
+    if type(norm) is RMSNorm and norm.weight is not None and norm.weight.dtype == torch.float32:
+        shape, weight, eps = (norm.weight.shape[0],), norm.weight, norm.eps
+        return lambda x: F.rms_norm(x, shape, weight, eps)
+    if type(norm) is LayerNorm:
+        return lambda x: F.layer_norm(x, (norm.dim,), norm.weight, norm.bias, norm.eps)
+    return norm.forward
+
+
+def _in_out(linears: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights of linear layers side by side as one (in, out) matrix, and their joint bias.
+
+    Stored input-major so a (B, in) @ (in, out) product streams it row by row: for a single
+    token that is markedly faster on a CPU than ``F.linear``'s (out, in) layout.
+    """
+    weight = torch.cat([m.weight for m in linears]).t().contiguous()  # (in, out)
+    biases = [m.bias for m in linears]
+    return weight, None if any(b is None for b in biases) else torch.cat(biases)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+class FusedStep:
+    """One decoding step (one new token per row) of the model, fused by hand for CPU speed.
+
+    With a token at a time, a small model spends its time in per-op overhead and in reading
+    weights, not in arithmetic: this step joins the q/k/v projections and the gate/up
+    projections into one matrix product each (weights stored input-major), adds each residual
+    in the same call as its product (``addmm``), rotates q and k together, builds the mask and
+    RoPE tables once for all layers, lets SDPA broadcast grouped key/value heads (no
+    ``repeat_interleave``) and skips ``nn.Module`` dispatch. It reads and writes the same
+    ``KVCache`` as ``LM.forward`` (which still does the prefill) and matches it to float
+    rounding; the tests check this for every variant it accepts (see ``fused_step_problem``).
+    Weights are copied at construction, so build one per generation call.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, max_len: int):
+        from minlm.modules import LearnedPositions, RoPE
+
+        problem = fused_step_problem(model)
+        if problem:
+            raise ValueError(f"FusedStep does not cover this model: {problem}")
+        cfg = model.config
+        self.H, self.K, self.D = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.embed = model.embed.weight
+        self.embed_scale, self.softcap = cfg.embed_scale, cfg.logit_softcap
+        self.pos_table = model.pos.weight if isinstance(model.pos, LearnedPositions) else None
+        self.final_norm = _norm_fn(model.norm)
+        self.head = model.head.weight.t().contiguous()  # (C, V)
+        first = dict(model.blocks[0].named_children())["attn"]
+        self.rope = first.rope if isinstance(first.rope, RoPE) else None
+        if self.rope is not None and self.rope.cos.shape[0] < max_len:  # let RoPE grow its table
+            self.rope(self.embed.new_zeros(1, 1, 1, self.D),
+                      torch.tensor([max_len - 1], device=self.embed.device))
+        self.alibi, self.window = first.alibi, first.window
+        self.arange = torch.arange(max_len, device=self.embed.device)
+        self.layers = []
+        for block in model.blocks:
+            p = dict(block.named_children())
+            a, m = p["attn"], p["mlp"]
+            self.layers.append((
+                _norm_fn(p["norm1"]), *_in_out([a.q_proj, a.k_proj, a.v_proj]),
+                *_in_out([a.o_proj]), _norm_fn(p["norm2"]),
+                *_in_out([m.gate, m.up] if m.gated else [m.up]), m.act, m.gated,
+                *_in_out([m.down])))
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor | None,
+                 cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) after ``idx`` (B, 1); ``positions`` (B, 1) for padded rows, else None."""
+        B = idx.shape[0]
+        H, K, D = self.H, self.K, self.D
+        L = cache.length
+        pos = self.arange[L:L + 1] if positions is None else positions  # (1,) or (B, 1)
+        x = F.embedding(idx[:, 0], self.embed)  # (B, C): one token per row throughout
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.pos_table is not None:
+            x = x + self.pos_table[pos.view(-1)]  # (1, C) or (B, C)
+        cache._record(pos, None, L, L + 1, x.device)
+        k_pos, valid = cache._positions(L + 1), cache._valid(L + 1)  # (S,) or (B, S); (B, S)
+        mask = None
+        if valid is not None or self.window or self.alibi is not None:
+            mask = attention_mask(pos, k_pos, self.window, valid)  # (1, S) or (B, 1, 1, S)
+            if self.alibi is not None:
+                mask = self.alibi(pos, k_pos).to(x.dtype).masked_fill(~mask, float("-inf"))
+        if self.rope is not None:
+            cos, sin = self.rope.cos[pos].to(x.dtype), self.rope.sin[pos].to(x.dtype)
+            if cos.dim() == 3:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D)
+        gqa = K != H
+        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_in, b_in, act, gated, w_down,
+                b_down) in enumerate(self.layers):
+            qkv = _project(norm1(x), w_qkv, b_qkv)  # (B, (H + 2K) D)
+            qk = qkv[:, :(H + K) * D].view(B, H + K, 1, D)  # (B, H+K, T=1, D)
+            if self.rope is not None:  # RoPE's half-split rotation, on q and k at once
+                x1, x2 = qk.chunk(2, dim=-1)
+                qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            layer = cache.layer(i)
+            layer.k[:, :, L:L + 1] = qk[:, H:]
+            layer.v[:, :, L:L + 1] = qkv[:, (H + K) * D:].view(B, K, 1, D)
+            y = F.scaled_dot_product_attention(qk[:, :H], layer.k[:, :, :L + 1],
+                                               layer.v[:, :, :L + 1], attn_mask=mask,
+                                               enable_gqa=gqa)  # (B, H, 1, D)
+            y = y.reshape(B, H * D)  # (B, H*D): heads merged (T = 1)
+            x = torch.addmm(x if b_o is None else x + b_o, y, w_o)  # residual + projection
+            h = _project(norm2(x), w_in, b_in)  # (B, F) or (B, 2F)
+            if gated:
+                g, u = h.chunk(2, dim=-1)
+                h = act(g) * u
+            else:
+                h = act(h)
+            x = torch.addmm(x if b_down is None else x + b_down, h, w_down)
+        cache.advance(1)
+        logits = self.final_norm(x) @ self.head  # (B, V)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+def context_limit(config) -> int | None:
+    """Most tokens the model sees at once: ``block_size``, or None for a recurrent model
+    without learned positions (its state carries any length)."""
+    if config.mixer != "attention" and config.position != "learned":
+        return None
+    return config.block_size
+
+
+def _row_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) of left-padded rows: 0 at each row's first real token, 0 on padding."""
+    return (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _as_rows(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt ids must be a (B, T) tensor, got shape "
+                             f"{tuple(prompts.shape)}")
+        return prompts.tolist()
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given: pass at least one list of token ids")
+    return rows
+
+
+class TokenStream:
+    """Iterate to get, step by step, the next token of every row (a list of B ids).
+
+    ``prompts`` is a (B, T) tensor or a list of id lists of any lengths (left-padded with
+    ``pad_id``). A row is finished once it samples an id in ``eos_id`` (an id or several) or
+    when ``stop(row)`` is called; after that it repeats its fill id (the first eos id, else
+    ``pad_id``), and iteration ends when every row is finished or after ``max_new_tokens``.
+    ``keep_logits=True`` keeps each step's raw model logits (B, V) in ``self.logits``.
+    ``use_cache=False`` recomputes the context every step (the reference the tests compare
+    with); ``fused=False`` runs cached steps through ``LM.forward`` instead of ``FusedStep``.
+    The model is put in eval mode for the duration (and restored afterwards).
+    """
+
+    def __init__(self, model, prompts: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+                 *, eos_id: int | Iterable[int] | None = None, pad_id: int = 0,
+                 use_cache: bool = True, fused: bool = True, keep_logits: bool = False,
+                 temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None):
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
+        rows = _as_rows(prompts)
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty; start every prompt with at least the "
+                             "BOS token")
+        self.model, cfg = model, model.config
+        device = next(model.parameters()).device
+        B, P = len(rows), max(len(r) for r in rows)
+        self.limit = context_limit(cfg)
+        if self.limit is not None and P > self.limit:
+            which = "the prompt" if B == 1 else f"prompt {[len(r) for r in rows].index(P)}"
+            raise ValueError(f"{which} is {P} tokens, longer than the context of {self.limit} "
+                             "tokens (block_size)")
+        self.keep = max(1, self.limit - self.limit // 4) if self.limit else 0
+        self.prompt_len, self.max_new_tokens = P, max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.repetition_penalty = repetition_penalty
+        self.tokens = torch.full((B, P + max_new_tokens), pad_id, dtype=torch.long, device=device)
+        padded = any(len(r) != P for r in rows)
+        self.valid = torch.ones_like(self.tokens, dtype=torch.bool) if padded else None  # (B, L)
+        for i, r in enumerate(rows):
+            self.tokens[i, P - len(r):P] = torch.tensor(r, dtype=torch.long)
+            if padded:
+                self.valid[i, :P - len(r)] = False
+        self.length, self.ctx_start = P, 0  # slots filled; first slot of the current context
+        self.next_pos: torch.Tensor | None = None  # (B,) next position of padded rows
+        eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.fill = eos[0] if eos else pad_id
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.generator = (torch.Generator(device=device).manual_seed(seed)
+                          if seed is not None else None)
+        self.seen = None  # (B, V) tokens in each row so far, for the repetition penalty
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+            real = self.valid[:, :P] if padded else torch.ones(B, P, dtype=torch.bool,
+                                                               device=device)
+            self.seen.scatter_(1, self.tokens[:, :P], real)  # padding writes False at pad_id
+            self.seen[:, pad_id] = torch.tensor([pad_id in r for r in rows], device=device)
+        max_len = self.limit or P + max_new_tokens
+        self.cache = KVCache.for_model(model, B, max_len) if use_cache else None
+        self.step = (FusedStep(model, max_len)
+                     if use_cache and fused and not fused_step_problem(model) else None)
+        self.keep_logits, self.logits = keep_logits, []
+        self._iter = None
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """Generated ids so far (B, n); finished rows hold the fill id after their end."""
+        return self.tokens[:, self.prompt_len:self.length]
+
+    def stop(self, row: int) -> None:
+        """Finish ``row`` now (e.g. it produced a stop string); the others go on."""
+        self.done[row] = True
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    def __next__(self) -> list[int]:
+        return next(iter(self))
+
+    @torch.inference_mode()
+    def _run(self) -> Iterator[list[int]]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self._next_logits(first=True) if self.max_new_tokens else None
+            for step in range(self.max_new_tokens):
+                if self.keep_logits:
+                    self.logits.append(logits.float().clone())
+                nxt = self._sample(logits)  # (B,)
+                nxt = torch.where(self.done, self.fill, nxt)
+                self.tokens[:, self.length] = nxt
+                self.length += 1
+                if self.seen is not None:
+                    self.seen.scatter_(1, nxt[:, None], True)
+                if self.eos is not None:
+                    self.done |= torch.isin(nxt, self.eos)
+                yield nxt.tolist()
+                if step == self.max_new_tokens - 1 or bool(self.done.all()):
+                    return
+                logits = self._next_logits()
+        finally:
+            self.model.train(was_training)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.repetition_penalty)
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, self.min_p,
+                           self.generator)
+
+    def _next_logits(self, first: bool = False) -> torch.Tensor:
+        """Logits (B, V) after the newest token: one cached step, or a forward over the context."""
+        moved = False
+        if self.limit is not None and self.length - self.ctx_start > self.limit:
+            self.ctx_start, moved = self.length - self.keep, True  # slide the context
+        if self.cache is None:
+            return self._context_forward(None)
+        if first or moved:
+            self.cache.reset()
+            return self._context_forward(self.cache)
+        idx = self.tokens[:, self.length - 1:self.length]  # (B, 1)
+        positions = None
+        if self.valid is not None:
+            positions = self.next_pos[:, None]  # (B, 1)
+            self.next_pos = self.next_pos + 1
+        if self.step is not None:
+            return self.step(idx, positions, self.cache)
+        logits, _ = self.model(idx, positions=positions, cache=self.cache)
+        return logits[:, -1]
+
+    def _context_forward(self, cache: KVCache | None) -> torch.Tensor:
+        idx = self.tokens[:, self.ctx_start:self.length]  # (B, T)
+        valid = positions = None
+        if self.valid is not None:
+            valid = self.valid[:, self.ctx_start:self.length]  # (B, T)
+            positions = _row_positions(valid)  # (B, T)
+            self.next_pos = positions[:, -1] + 1  # the newest slot is always a real token
+        logits, _ = self.model(idx, positions=positions, cache=cache, key_valid=valid)
+        return logits[:, -1]
+
+
+def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 eos_id: int | None = None, seed: int | None = None,
+                 repetition_penalty: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+    """Continue ``idx`` (B, T) by up to ``max_new_tokens``: (B, T + n); rows stop at ``eos_id``
+    and are filled with it until every row has stopped."""
+    s = TokenStream(model, idx, max_new_tokens, eos_id=eos_id, use_cache=use_cache,
+                    temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    for _ in s:
+        pass
+    return s.tokens[:, :s.length].clone()
+
+
+def generate_batch_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       eos_id: int | Iterable[int] | None = None, pad_id: int = 0,
+                       use_cache: bool = True, **sampling) -> list[list[int]]:
+    """New ids for each prompt (lists of any lengths, run as one left-padded batch), without
+    the end token."""
+    s = TokenStream(model, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                    use_cache=use_cache, **sampling)
+    out: list[list[int]] = [[] for _ in range(len(s.done))]
+    finished = [False] * len(out)
+    ends = set() if s.eos is None else set(s.eos.tolist())
+    for ids in s:
+        for r, t in enumerate(ids):
+            if finished[r] or t in ends:
+                finished[r] = True
+                continue
+            out[r].append(t)
+    return out
+
+
+# --- text --------------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """BOS + the prompt's ids, as documents start in training."""
+    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+
+
+class _Detokenizer:
+    """Turns one row's new ids into text as they come: holds back an unfinished UTF-8
+    character and any tail that could be the start of a stop string; cuts at a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def add(self, token_id: int) -> bool:
+        """Append a token; True when the text now holds a stop string (text is cut before it)."""
+        self.ids.append(token_id)
+        previous = len(self.text)
+        self.text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            at = self.text.find(s, max(0, previous - len(s)))
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        return self.stopped
+
+    def ready(self) -> str:
+        """Text that is safe to show now and was not shown before."""
+        end = len(self.text) if self.stopped else self._safe_end()
+        piece, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return piece
+
+    def flush(self) -> str:
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        return piece
+
+    def _safe_end(self) -> int:
+        end = len(self.text.rstrip("\ufffd"))
+        for s in self.stop:  # a suffix that a stop string starts with may still become one
+            for n in range(min(len(s) - 1, end), 0, -1):
+                if self.text[end - n:end] == s[:n]:
+                    end -= n
+                    break
+        return max(end, self.emitted)
+
+
+def _end_ids(tokenizer, extra: Iterable[int] = ()) -> list[int]:
+    return [tokenizer.eos_id, *extra]
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100,
+           stop: str | Sequence[str] | None = None, use_cache: bool = True,
+           **sampling) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece as it is generated; ends at EOS, at
+    a stop string (not included) or after ``max_new_tokens``. Joined, the pieces equal
+    ``generate(...)`` with the same settings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    s = TokenStream(model, [encode_prompt(tokenizer, prompt)], max_new_tokens,
+                    eos_id=_end_ids(tokenizer), pad_id=tokenizer.pad_id, use_cache=use_cache,
+                    **sampling)
+    return _stream_text(s, _Detokenizer(tokenizer, stops))
+
+
+def _stream_text(s: TokenStream, detok: _Detokenizer) -> Iterator[str]:
+    ends = set(s.eos.tolist()) if s.eos is not None else set()
+    for (t,) in s:
+        if t in ends:
+            break
+        if detok.add(t):
+            s.stop(0)
+            break
+        piece = detok.ready()
+        if piece:
+            yield piece
+    rest = detok.flush()
+    if rest:
+        yield rest
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100,
+             stop: str | Sequence[str] | None = None, use_cache: bool = True,
+             **sampling) -> str:
+    """The prompt's continuation as text (the prompt itself is not repeated).
+
+    ``sampling``: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
+    """
+    return "".join(stream(model, tokenizer, prompt, max_new_tokens, stop, use_cache, **sampling))
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the text, the ids behind it and why it ended."""
+
+    prompt: str
+    prompt_ids: list[int]
+    ids: list[int]  # generated ids, without the end token
+    text: str  # their text, cut before a stop string
+    finish: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
+
+
+def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
+             stop: str | Sequence[str] | None = None, use_cache: bool = True,
+             **sampling) -> list[Completion]:
+    """Continue several prompts together, as one left-padded batch; each row ends on its own
+    (EOS, a stop string or ``max_new_tokens``) and comes out as if generated alone."""
+    if isinstance(prompts, str):
+        raise TypeError("pass a list of prompts (a single string would be one prompt per "
+                        "character); use generate() for one prompt")
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    s = TokenStream(model, prompt_ids, max_new_tokens, eos_id=_end_ids(tokenizer),
+                    pad_id=tokenizer.pad_id, use_cache=use_cache, **sampling)
+    detoks = [_Detokenizer(tokenizer, stops) for _ in prompts]
+    ends = set(s.eos.tolist())
+    finish = ["length"] * len(prompts)
+    for ids in s:
+        for r, t in enumerate(ids):
+            if finish[r] != "length":
+                continue
+            if t in ends:
+                finish[r] = "eos"
+            elif detoks[r].add(t):
+                finish[r] = "stop"
+            else:
+                continue
+            s.stop(r)
+    return [Completion(p, pid, d.ids, d.text, f)
+            for p, pid, d, f in zip(prompts, prompt_ids, detoks, finish)]
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
+                   stop: str | Sequence[str] | None = None, use_cache: bool = True,
+                   **sampling) -> list[str]:
+    """Continuations of several prompts (texts only), generated as one batch; see complete()."""
+    return [c.text for c in complete(model, tokenizer, prompts, max_new_tokens, stop,
+                                     use_cache, **sampling)]
+
+
+# --- chat --------------------------------------------------------------------------------
+
+class Chat:
+    """A conversation with a chat-tuned model; the history stays within the context.
+
+    With a tokenizer that has chat tokens, a conversation is rendered as
+    ``<bos><|system|>..<|end|><|user|>..<|end|><|assistant|>..<|end|>...<|assistant|>`` and a
+    reply ends at ``<|end|>`` (or EOS). Otherwise turns are plain text (``User: ..`` /
+    ``Assistant: ..`` lines) and a reply ends at a new ``User:`` line. When the rendered
+    history plus ``max_new_tokens`` would not fit in the context, the oldest turns are
+    dropped (the system message is kept).
+    """
+
+    def __init__(self, model, tokenizer, system: str = "", max_new_tokens: int = 200,
+                 **sampling):
+        check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.history: list[tuple[str, str]] = []  # (role, text), role "user" or "assistant"
+        try:
+            self.special = tokenizer.chat_tokens
+        except ValueError:
+            self.special = None
+        limit = context_limit(model.config)
+        self.budget = None if limit is None else limit - max_new_tokens
+        if self.budget is not None and self.budget < 8:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the "
+                             f"conversation in the context of {limit} tokens; use fewer")
+
+    def _turn(self, role: str, text: str) -> list[int]:
+        tok = self.tokenizer
+        if self.special:
+            return [self.special[role]] + tok.encode(text) + [self.special["end"]]
+        return tok.encode(f"{role.capitalize()}: {text}\n")
+
+    def _reply_start(self) -> list[int]:
+        return [self.special["assistant"]] if self.special else self.tokenizer.encode("Assistant:")
+
+    def prompt_ids(self, turns: list[tuple[str, str]] | None = None) -> list[int]:
+        """Ids of the conversation so far plus the start of the assistant's reply, trimmed to
+        fit the context; raises ValueError if even the last user turn alone does not fit."""
+        turns = self.history if turns is None else turns
+        head = [self.tokenizer.bos_id] + (self._turn("system", self.system) if self.system else [])
+        parts = [self._turn(role, text) for role, text in turns]
+        tail = self._reply_start()
+        while True:
+            ids = head + [i for p in parts for i in p] + tail
+            if self.budget is None or len(ids) <= self.budget:
+                return ids
+            if len(parts) <= 1:
+                raise ValueError(f"the message is {len(ids)} tokens with the system prompt, more "
+                                 f"than the {self.budget} the context leaves after "
+                                 f"max_new_tokens={self.max_new_tokens}; write a shorter one")
+            parts = parts[2:] if len(parts) > 2 else parts[1:]  # drop the oldest exchange
+
+    def stream_reply(self, message: str) -> Iterator[str]:
+        """Send ``message``; yield the reply in pieces; the exchange joins the history."""
+        ids = self.prompt_ids(self.history + [("user", message)])
+        tok = self.tokenizer
+        ends = _end_ids(tok, [self.special["end"]] if self.special else [])
+        stops = [] if self.special else ["\nUser:", "User:"]
+        s = TokenStream(self.model, [ids], self.max_new_tokens, eos_id=ends, pad_id=tok.pad_id,
+                        **self.sampling)
+        pieces = []
+        for piece in _stream_text(s, _Detokenizer(tok, stops)):
+            pieces.append(piece)
+            yield piece
+        self.history += [("user", message), ("assistant", "".join(pieces).strip())]
+
+    def reply(self, message: str) -> str:
+        return "".join(self.stream_reply(message))
