@@ -1,0 +1,116 @@
+"""Generation tokens/s of minlm against Hugging Face transformers on the same weights, and
+against minlm without its KV cache, side by side in one process.
+
+Greedy decoding of 256 new tokens after the same prompt, at batch 1 and batch 8 (the prompt
+repeated), on the CPU. transformers runs ``LlamaForCausalLM.generate`` (its default dynamic KV
+cache) on a copy of the minlm weights (``minlm.interop.to_hf_llama``); the greedy tokens of
+both are checked to be identical before anything is timed. Contenders are timed in
+alternating rounds so that machine noise hits them alike; each figure is the median round.
+
+    python bench/generate.py --quick        # llama-1m only, 2 rounds (about a minute)
+    python bench/generate.py                # llama-1m and llama-5m, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minlm import LM, ModelConfig
+from minlm.generate import generate_ids
+from minlm.interop import to_hf_llama
+from minlm.tokenizer import load_tokenizer, shipped_tokenizer_path
+
+PROMPT = "Once upon a time, there was a little girl named Lily. She loved to"
+
+
+def contenders(ours: LM, theirs, new_tokens: int) -> dict:
+    """name -> function(idx) returning the (B, T + new_tokens) ids."""
+    def hf(idx):
+        return theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=new_tokens, pad_token_id=0)
+
+    return {
+        "minlm": lambda idx: generate_ids(ours, idx, new_tokens, temperature=0),
+        "transformers": hf,
+        "minlm, cache via LM.forward": lambda idx: _unfused(ours, idx, new_tokens),
+        "minlm without cache": lambda idx: generate_ids(ours, idx, new_tokens, temperature=0,
+                                                         use_cache=False),
+    }
+
+
+def _unfused(model, idx, new_tokens):
+    from minlm.generate import TokenStream
+
+    s = TokenStream(model, idx, new_tokens, temperature=0, fused=False)
+    for _ in s:
+        pass
+    return s.tokens
+
+
+def measure(runs: dict, idx: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per generation of each contender, alternating round by round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(idx)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="*", default=["llama-1m", "llama-5m"])
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for both (default 1: one token at a time of a small "
+                        "model gains nothing from more, and a shared CPU makes them wait)")
+    p.add_argument("--quick", action="store_true", help="llama-1m only, 2 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.presets, args.rounds = ["llama-1m"], 2
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} thread(s), CPU, greedy, {args.new_tokens} new tokens, "
+          f"median of {args.rounds} alternating rounds")
+    for preset in args.presets:
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_preset(preset)
+        tok = load_tokenizer(shipped_tokenizer_path(cfg.vocab_size))
+        prompt = [tok.bos_id] + tok.encode(PROMPT)
+        # room for prompt + new tokens, so neither side ever slides or crops its context
+        cfg = cfg.replace(block_size=max(cfg.block_size, len(prompt) + args.new_tokens))
+        ours = LM(cfg).eval()
+        theirs = to_hf_llama(ours)
+        print(f"\n{preset}: {ours.num_params():,} params, block {cfg.block_size}, "
+              f"prompt {len(prompt)} tokens")
+        for B in args.batch_sizes:
+            idx = torch.tensor([prompt] * B)
+            runs = contenders(ours, theirs, args.new_tokens)
+            with torch.inference_mode():
+                outs = {name: run(idx) for name, run in runs.items()}  # warm-up and check
+            ref = outs["minlm"]
+            same = {name: torch.equal(out, ref) for name, out in outs.items()}
+            if not all(same.values()):
+                raise SystemExit(f"greedy tokens differ from minlm: {same}")
+            seconds = measure(runs, idx, args.rounds)
+            tps = {name: B * args.new_tokens / s for name, s in seconds.items()}
+            print(f"  batch {B} (greedy tokens identical across all four):")
+            for name, v in tps.items():
+                print(f"    {name:<30} {v:>9,.0f} tokens/s")
+            print(f"    ratio minlm / transformers:    {tps['minlm'] / tps['transformers']:.2f}x")
+            print(f"    cache speed-up (vs no cache):  "
+                  f"{tps['minlm'] / tps['minlm without cache']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Training tokens/s of minlm against Hugging Face transformers on the same model, side by side.
+
+The same weights (copied with ``minlm.interop``), the same TinyStories batches, the same
+AdamW settings and the same loss; the two are timed in alternating rounds in one process so
+that machine noise hits both alike. Also compares minlm fp32 vs bf16 autocast and eager vs
+``torch.compile``. Prints tokens/s and ratios.
+
+    MINLM_DATA_DIR=../shared/data python bench/train_throughput.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minlm import LM, ModelConfig
+from minlm.data import get_batch, prepare
+from minlm.interop import to_hf_gpt2, to_hf_llama
+from minlm.tokenizer import shipped_tokenizer_path
+
+
+def make_step(forward, params, bf16: bool):
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step(x, y):
+        with ctx():
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(contenders: dict, batches, rounds: int, steps_per_round: int, tokens_per_step: int):
+    """Alternate the contenders round by round; returns tokens/s for each."""
+    spent = {name: 0.0 for name in contenders}
+    it = iter(batches)
+    for name, step in contenders.items():  # warm-up (and compile) outside the timing
+        for _ in range(2):
+            step(*next(it))
+    for _ in range(rounds):
+        for name, step in contenders.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step(*next(it))
+            spent[name] += time.perf_counter() - start
+    return {n: rounds * steps_per_round * tokens_per_step / s for n, s in spent.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="*", default=["llama-1m", "gpt2-1m"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="steps per contender per round")
+    p.add_argument("--compile", action="store_true", help="also time minlm under torch.compile")
+    p.add_argument("--quick", action="store_true", help="3 rounds of 3 steps")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 3, 3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    for preset in args.presets:
+        cfg = ModelConfig.from_preset(preset)
+        shards = prepare("tinystories", str(shipped_tokenizer_path(cfg.vocab_size)), max_docs=2000,
+                         verbose=False)
+        gen = torch.Generator().manual_seed(0)
+        need = (args.rounds * args.steps + 2) * (4 + args.compile)
+        batches = [get_batch(shards.train, args.batch_size, cfg.block_size, gen) for _ in range(need)]
+        torch.manual_seed(0)
+        ours = LM(cfg)
+        theirs = (to_hf_llama if cfg.position == "rope" else to_hf_gpt2)(ours)
+        theirs.train()
+        ours_bf16 = LM(cfg)
+        ours_bf16.load_state_dict(ours.state_dict())
+        contenders = {
+            "minlm fp32": make_step(lambda x: ours(x)[0], list(ours.parameters()), False),
+            "transformers fp32": make_step(lambda x: theirs(x).logits, list(theirs.parameters()), False),
+            "minlm bf16": make_step(lambda x: ours_bf16(x)[0], list(ours_bf16.parameters()), True),
+        }
+        if args.compile:
+            compiled = LM(cfg)
+            compiled.load_state_dict(ours.state_dict())
+            fast = torch.compile(compiled)
+            contenders["minlm fp32 compiled"] = make_step(lambda x: fast(x)[0],
+                                                          list(compiled.parameters()), False)
+        tps = measure(contenders, batches, args.rounds, args.steps, args.batch_size * cfg.block_size)
+        print(f"\n{preset} ({ours.num_params():,} params, block {cfg.block_size}):")
+        for name, v in tps.items():
+            print(f"  {name:<22} {v:>10,.0f} tokens/s")
+        print(f"  ratio minlm / transformers (fp32): {tps['minlm fp32'] / tps['transformers fp32']:.2f}x")
+        print(f"  ratio bf16 / fp32 (minlm):         {tps['minlm bf16'] / tps['minlm fp32']:.2f}x")
+        if args.compile:
+            print(f"  ratio compiled / eager (minlm):    {tps['minlm fp32 compiled'] / tps['minlm fp32']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
