@@ -224,3 +224,17 @@ def test_cli_compare_writes_the_plot(two_runs, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["compare", "no-such-run-anywhere"]) == 2
     assert "no run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pick", [["slow"], ["fast", "slow"]])
+def test_compare_notebook_figure_has_one_line_per_picked_run(two_runs, pick):
+    """The compare notebook's flow: list_runs -> run_picker -> compare(picked paths)."""
+    from minlm.runs import list_runs
+    from minlm.widgets import run_picker
+
+    runs = list_runs(two_runs[0].parent)
+    picker = run_picker(runs, default=pick)
+    paths = dict(zip(runs["run"], runs["path"]))
+    table, fig = compare([paths[name] for name in picker.value])
+    assert sorted(ln.get_label() for ln in fig.axes[0].get_lines()) == sorted(pick)
+    assert sorted(table["run"]) == sorted(pick)
