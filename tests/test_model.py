@@ -143,3 +143,15 @@ def test_residual_projections_are_scaled_at_init():
     assert o == pytest.approx(std / math.sqrt(2 * model.config.n_layers), rel=0.05)
     x = LM(model.config.replace(init="xavier")).blocks[0].attn.q_proj.weight
     assert x.std().item() == pytest.approx(math.sqrt(2 / (x.shape[0] + x.shape[1])), rel=0.05)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_training_forward_compiles_without_graph_breaks(position):
+    """Regression: RoPE read positions.max() on every call, which split the compiled graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, block_size=16, position=position)
+    idx = torch.randint(0, 64, (2, 16))
+    explanation = torch._dynamo.explain(LM(cfg))(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -36,9 +36,11 @@ class RoPE(LoggingModule):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (T,) or (B, T) absolute positions."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos.shape[0]:
-            self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
+        if not torch.compiler.is_compiling():  # reading positions.max() would break the graph;
+            # compiled training stays within block_size, which the table always covers
+            need = int(positions.max()) + 1 if positions.numel() else 0
+            if need > self.cos.shape[0]:
+                self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
         cos = self.cos[positions].to(x.dtype)  # (T, D) or (B, T, D)
         sin = self.sin[positions].to(x.dtype)
         if cos.dim() == 3:
@@ -87,7 +89,8 @@ class LearnedPositions(LoggingModule):
         self.max_len = max_len
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.max_len:
+        if (not torch.compiler.is_compiling()  # as in RoPE: no data-dependent check when compiled
+                and positions.numel() and int(positions.max()) >= self.max_len):
             raise ValueError(
                 f"position {int(positions.max())} is past the learned table of {self.max_len} "
                 "positions (block_size); learned positions cannot extrapolate"
