@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import torch
+
 from minlm import ModelConfig, TrainConfig
-from minlm.train import StopFlag, train
+from minlm.train import StopFlag, train, use_bf16
 
 PLAIN = dict(optimizer="adamw", lr=1e-3, precision="fp32", compile=False, warmup_iters=100,
              schedule="cosine", batch_size=32)
-BEST = dict(optimizer="muon", lr=4e-3, precision="bf16", compile=False, warmup_iters=50,
+BEST = dict(optimizer="muon", lr=4e-3, precision="auto", compile=False, warmup_iters=50,
             schedule="cosine", batch_size=32)
 
 
@@ -57,7 +59,8 @@ def main() -> None:
               f"val bpb {r['val_bpb']:.4f}")
     if all(r["reached"] for r in rows):
         print(f"  ratio best / plain time: {rows[1]['seconds'] / rows[0]['seconds']:.2f}")
-    print("  plain:", PLAIN, "\n  best: ", BEST)
+    auto = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
+    print("  plain:", PLAIN, "\n  best: ", BEST, f"(precision=auto is {auto} on this CPU)")
 
 
 if __name__ == "__main__":

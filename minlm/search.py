@@ -106,13 +106,14 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
     """
     from minlm.model import LM
     from minlm.optim import make_optimizer
+    from minlm.train import use_bf16
 
     device = torch.device(device)
     B, T = train_cfg.batch_size // max(1, train_cfg.grad_accum_steps) or 1, model_cfg.block_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=gen).to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if train_cfg.precision == "bf16" else torch.autocast(device.type, enabled=False))
+                if use_bf16(train_cfg.precision, device) else torch.autocast(device.type, enabled=False))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from minlm import distributed, runs
 from minlm.config import ConfigError, ModelConfig, TrainConfig
 from minlm.evaluate import bits_per_byte, estimate_loss
-from minlm.flops import flops_per_token, peak_flops
+from minlm.flops import cpu_bf16_is_faster, flops_per_token, peak_flops
 from minlm.model import LM
 from minlm.optim import make_optimizer, set_lr
 
@@ -80,10 +80,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto``: bf16 on GPUs that support it, and on CPUs where a probe finds it faster."""
     if precision == "bf16":
         return True
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return device.type == "cpu" and cpu_bf16_is_faster()
     return False
 
 

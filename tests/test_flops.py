@@ -1,5 +1,6 @@
 """MFU inputs: FLOPs per token by hand, and a CPU peak probe that leaves no trace."""
 
+import pytest
 import torch
 
 from minlm.config import ModelConfig
@@ -26,3 +27,15 @@ def test_cpu_probe_leaves_global_rng_alone(tmp_path, monkeypatch):
     assert peak > 0
     assert cpu_peak_flops(seconds=0.01) == peak  # second call is the cached figure
     assert (tmp_path / "peak_flops.json").exists()
+
+
+@pytest.mark.parametrize("bf16, fp32, expected", [(300e9, 100e9, True), (1e9, 140e9, False),
+                                                  (110e9, 100e9, False)])
+def test_auto_precision_on_cpu_follows_the_probe(monkeypatch, bf16, fp32, expected):
+    """bf16 is 3x faster on some CPUs and 100x slower on AVX2-only ones: auto must measure."""
+    from minlm import flops
+    from minlm.train import use_bf16
+
+    monkeypatch.setattr(flops, "cpu_peak_flops", lambda dtype=torch.float32, **_: bf16 if dtype == torch.bfloat16 else fp32)
+    assert use_bf16("auto", torch.device("cpu")) is expected
+    assert use_bf16("bf16", torch.device("cpu")) and not use_bf16("fp32", torch.device("cpu"))
