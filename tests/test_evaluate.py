@@ -25,14 +25,7 @@ DOCS = ["Once upon a time, there was a little cat named Tom.",
         "Tom liked to play with a red ball. One day the ball rolled away — très loin!"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy shared CPU waiting for them costs
-    seconds per test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,14 +48,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy shared CPU waiting for them costs
-    seconds per test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FUSED = ["mha-rope", "gqa-rope", "mqa-rope", "alibi", "learned", "no-position", "sliding-window"]
