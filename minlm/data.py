@@ -432,3 +432,23 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
     if tail:
         buf = torch.from_numpy(np.asarray(tokens[n_full * T:], dtype=np.int64))[None]  # (1, t+1)
         yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# chat data (readers, template and SFT examples live in minlm.chatdata)
+# ---------------------------------------------------------------------------------------
+
+from minlm.chatdata import (  # noqa: E402 - re-exported: data.py is where people look first
+    ChatData,
+    ChatDataError,
+    Example,
+    chat_example,
+    chat_examples,
+    convert,
+    pack_examples,
+    parse_chat,
+    read_conversations,
+    read_preferences,
+    render_chat,
+    write_conversations,
+)

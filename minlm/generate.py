@@ -624,10 +624,11 @@ class Chat:
                              f"conversation in the context of {limit} tokens; use fewer")
 
     def _turn(self, role: str, text: str) -> list[int]:
-        tok = self.tokenizer
-        if self.special:
-            return [self.special[role]] + tok.encode(text) + [self.special["end"]]
-        return tok.encode(f"{role.capitalize()}: {text}\n")
+        if self.special:  # the template that fine-tuning trains on (minlm.chatdata)
+            from minlm.chatdata import turn_ids
+
+            return turn_ids(self.tokenizer, role, text, strict=False)
+        return self.tokenizer.encode(f"{role.capitalize()}: {text}\n")
 
     def _reply_start(self) -> list[int]:
         return [self.special["assistant"]] if self.special else self.tokenizer.encode("Assistant:")

@@ -7,6 +7,7 @@ result, and tests call ``stop_button.click()`` from Python).
 
 from __future__ import annotations
 
+import html
 import threading
 
 import ipywidgets as W
@@ -159,3 +160,62 @@ def run_picker(runs_df, default: list[str] | None = None) -> W.SelectMultiple:
     return W.SelectMultiple(options=names, value=chosen, rows=min(10, max(3, len(names))),
                             description="runs")
 
+
+
+class ChatWidget:
+    """A chat box over ``generate.Chat``: type a message, press Enter or Send; the transcript
+    shows each reply as it streams. ``send(text)`` does the same from Python (and returns the
+    reply); ``reset()`` clears the history."""
+
+    def __init__(self, run, system: str = "", max_new_tokens: int = 100, **sampling):
+        from minlm.generate import Chat
+
+        self.run = run
+        self.chat = Chat(run.model, run.tokenizer, system=system, max_new_tokens=max_new_tokens,
+                         **sampling)
+        self.text = W.Text(placeholder="message, then Enter", layout=W.Layout(width="70%"))
+        self.button = W.Button(description="Send", button_style="primary")
+        self.clear = W.Button(description="Reset", tooltip="forget the conversation")
+        self.output = W.Output(layout=W.Layout(border="1px solid #ddd", padding="4px"))
+        self.button.on_click(lambda _: self._send_box())
+        self.clear.on_click(lambda _: self.reset())
+        self.text.continuous_update = False
+        self.text.observe(lambda change: self._send_box(), names="value")
+        self.box = W.VBox([self.output, W.HBox([self.text, self.button, self.clear])])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.box)
+
+    def _send_box(self) -> None:
+        message = self.text.value.strip()
+        if message:
+            self.text.value = ""
+            self.send(message)
+
+    def send(self, message: str) -> str:
+        from IPython.display import HTML, display
+
+        handle = None
+        with self.output:
+            display(HTML(f"<b>you</b>: {html.escape(message)}"))
+            handle = display(HTML("<b>assistant</b>: …"), display_id=True)
+        pieces: list[str] = []
+        try:
+            for piece in self.chat.stream_reply(message):
+                pieces.append(piece)
+                if handle is not None:
+                    handle.update(HTML(f"<b>assistant</b>: {html.escape(''.join(pieces))}"))
+        except ValueError as e:  # e.g. a message too long for the context: say so, go on
+            with self.output:
+                display(HTML(f"<span style='color:#b00'>error: {html.escape(str(e))}</span>"))
+            return ""
+        reply = "".join(pieces)
+        if handle is not None:
+            handle.update(HTML(f"<b>assistant</b>: {html.escape(reply)}"))
+        return reply
+
+    def reset(self) -> None:
+        self.chat.history.clear()
+        self.output.clear_output()
