@@ -154,6 +154,13 @@ def cmd_eval(args) -> None:
     print(result)
 
 
+def cmd_card(args) -> None:
+    from minlm.modelcard import write_model_card
+
+    path = write_model_card(args.run, args.eval, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"wrote {path}")
+
+
 def cmd_compare(args) -> None:
     import pandas as pd
 
@@ -171,6 +178,33 @@ def cmd_compare(args) -> None:
             print(f"\n=== {prompt}")
             for run_name, text in row.items():
                 print(f"--- {run_name}: {prompt}{text}")
+
+
+def cmd_convert(args) -> None:
+    from minlm.chatdata import convert
+
+    data = convert(args.src, args.dest, column=args.column, skip_invalid=args.skip_invalid)
+    skipped = f" ({data.skipped} malformed skipped)" if data.skipped else ""
+    print(f"wrote {len(data)} conversations to {args.dest}{skipped}")
+
+
+def _finetune(args, kind: str) -> None:
+    from minlm import finetune
+
+    cls, fn = (finetune.SFTConfig, finetune.sft) if kind == "sft" else (finetune.DPOConfig,
+                                                                          finetune.dpo)
+    cfg = cls().with_overrides(args.overrides)
+    if args.data:
+        cfg = cfg.replace(data=args.data)
+    print(fn(args.run, config=cfg))
+
+
+def cmd_sft(args) -> None:
+    _finetune(args, "sft")
+
+
+def cmd_dpo(args) -> None:
+    _finetune(args, "dpo")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
@@ -237,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
 
+    cd = sub.add_parser("card", help="write README.md into a run folder: config, training "
+                        "figures, bits per byte and three samples")
+    cd.add_argument("run", help="run name under trained_models/ or a run folder path")
+    cd.add_argument("--eval", default=None, help="held-out text file to measure bits per byte on")
+    cd.add_argument("--max-new-tokens", type=int, default=80)
+    cd.add_argument("--seed", type=int, default=0)
+    cd.set_defaults(func=cmd_card)
+
     cp = sub.add_parser("compare", help="final figures and loss curves of several runs")
     cp.add_argument("runs", nargs="+", help="run names or run folder paths")
     cp.add_argument("--x", default="step", choices=["step", "tokens", "time"],
@@ -248,13 +290,49 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--temperature", type=float, default=0.0, help="for --prompt; 0: greedy")
     cp.add_argument("--seed", type=int, default=0, help="for --prompt")
     cp.set_defaults(func=cmd_compare)
+
+    cv = sub.add_parser("convert", help="convert chat data between .jsonl, .json and .parquet",
+                        description="Read conversations (lists of {role, content} messages) "
+                        "and write them as {\"messages\": [...]} examples; formats follow the "
+                        "suffixes.")
+    cv.add_argument("src", help="input .jsonl, .json or .parquet file")
+    cv.add_argument("dest", help="output .jsonl, .json or .parquet file")
+    cv.add_argument("--column", default="messages",
+                    help="field (JSON) or column (parquet) holding the messages")
+    cv.add_argument("--skip-invalid", action="store_true",
+                    help="skip malformed examples (and report how many) instead of failing")
+    cv.set_defaults(func=cmd_convert)
+
+    common = ("epochs, max_steps, batch_size, lr, warmup_iters, val_fraction, eval_interval, "
+              "patience, max_examples, skip_invalid, lora_rank, lora_alpha, lora_targets, "
+              "run_name, out_dir, overwrite, device")
+    for kind, what, own, default in (
+            ("sft", "supervised fine-tuning on conversations", "mode, pack, cut",
+             "hh_rlhf_helpful_sft"),
+            ("dpo", "direct preference optimisation on chosen/rejected pairs", "beta",
+             "hh_rlhf_helpful_dpo")):
+        f = sub.add_parser(kind, help=f"{what}; writes a new run beside the parent",
+                           description=f"{what.capitalize()} of a run, saved as a new run that "
+                           f"records its parent. Settings as key=value: {own}, {common} (an "
+                           "unknown key lists them all).")
+        f.add_argument("run", help="parent run name under trained_models/ or a run folder path")
+        f.add_argument("--data", default=None,
+                       help=f"chat data: a .jsonl/.json/.parquet file or a name under "
+                       f"$MINLM_DATA_DIR (default {default})")
+        f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
+                       "lora_rank=8")
+        f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value after an option (``sft RUN --data F epochs=2``) are overrides too
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
     except KeyboardInterrupt:

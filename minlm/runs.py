@@ -61,6 +61,19 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def hardware(device: torch.device) -> str:
+    """What a run trained on, for its record: the GPU's name, or the CPU's model and threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads ({device.type})"
+
+
 # --- writing -------------------------------------------------------------------------------
 
 def save_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -98,12 +111,14 @@ def copy_tokenizer(run_dir: Path, tokenizer) -> Path:
     return dest
 
 
-def write_log(run_dir: Path, rows: list[dict]) -> None:
+def write_log(run_dir: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``log.csv`` with ``LOG_COLUMNS`` (fine-tuning runs pass them plus their own figures)."""
+    columns = columns or LOG_COLUMNS
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
     atomic_write_text(run_dir / "log.csv", buf.getvalue())
 
 

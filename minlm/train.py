@@ -207,6 +207,7 @@ class Trainer:
                      "params_non_embedding": self.model.num_params(True),
                      "tokenizer_path": str(tok_path), "tokenizer_hash": self.tokenizer.hash,
                      "data_meta": self.shards.meta, "device": str(self.device), "bf16": self.bf16,
+                     "hardware": runs.hardware(self.device),
                      "world_size": self.dist.world,
                      "versions": runs.library_versions(), "status": "training"}
         if main:
