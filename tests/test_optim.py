@@ -1,0 +1,49 @@
+"""Muon: ours takes PyTorch's steps exactly in bf16, orthogonalises in fp32, and is chosen
+where PyTorch's bf16 Newton-Schulz steps would be emulated."""
+
+import pytest
+import torch
+
+from minlm import LM, ModelConfig, TrainConfig
+from minlm.optim import Muon, make_optimizer, orthogonalise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="PyTorch without torch.optim.Muon")
+def test_bf16_steps_equal_torch_muon():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 48), (48, 16)]  # wide and tall
+    ours = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    a = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_fp32_newton_schulz_pushes_singular_values_towards_one():
+    g = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(orthogonalise(g))
+    assert s.min() > 0.6 and s.max() < 1.3, s
+    assert orthogonalise(g.T).shape == (128, 64)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_cpu_muon_avoids_emulated_bf16(monkeypatch, fast_bf16):
+    from minlm import flops
+
+    monkeypatch.setattr(flops, "cpu_bf16_is_faster", lambda: fast_bf16)
+    model = LM(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, block_size=8))
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    muon = opt.optimizers[0]
+    if fast_bf16 and hasattr(torch.optim, "Muon"):
+        assert type(muon) is torch.optim.Muon
+    else:
+        assert type(muon) is Muon and muon.ns_dtype == torch.float32
