@@ -69,15 +69,21 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
         for message in chat_messages:
             chat = Chat(run.model, run.tokenizer, max_new_tokens=max_new_tokens,
                         temperature=0.7, min_p=0.05, seed=seed)
-            lines += [f"> **User:** {message}", ">", f"> **Assistant:** {chat.reply(message)}", ""]
+            lines += [f"> **User:** {message}", ">",
+                      f"> **Assistant:** {_quoted(chat.reply(message))}", ""]
     else:
         for prompt in prompts:
             text = generate(run.model, run.tokenizer, prompt, max_new_tokens, temperature=0.7,
                             min_p=0.05, seed=seed)
-            lines += [f"> **{prompt}**{text}", ""]
+            lines += [f"> **{prompt}**{_quoted(text)}", ""]
     lines += ["## Use", "", "```", f"python -m minlm generate {run.name} \"Once upon a time\"",
               *( [f"python -m minlm chat {run.name}"] if is_chat else []), "```", ""]
     return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    """Text that stays inside a Markdown quote across its own line breaks."""
+    return text.strip("\n").replace("\n", "\n> ")
 
 
 def write_model_card(run, eval_file: str | os.PathLike | None = None, **kw) -> Path:

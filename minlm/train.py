@@ -220,6 +220,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(model_cfg)
         self.peak_flops = peak_flops(self.device, self.bf16)
         self.last_val: tuple[float, float] | None = None
+        self.budget_reason = f"time budget of {cfg.max_minutes} min reached"
         self.bad_in_a_row = 0
         self.skipped_steps = 0
 
@@ -347,7 +348,8 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGINT,
                                              lambda *_: self.stop.set("interrupted (Ctrl-C)"))
-        bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step",
+        # a time budget ends the run long before a large max_iters: no bogus ETA then
+        bar = tqdm(total=None if cfg.max_minutes else cfg.max_iters, initial=self.step, unit="step",
                    disable=not (cfg.verbose and self.dist.is_main),
                    dynamic_ncols=True, desc=self.run_dir.name)
         self.model.train()
@@ -364,10 +366,13 @@ class Trainer:
                 at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
                 out_of_time = bool(cfg.max_minutes) and self.elapsed() > 60 * cfg.max_minutes
                 if out_of_time:  # the run ends here, on an evaluation
-                    self.stop.set(f"time budget of {cfg.max_minutes} min reached")
+                    self.stop.set(self.budget_reason)
                 if self.step % cfg.log_interval == 0 or at_eval or out_of_time:
                     self.log(lr, loss, grad_norm, interval, force_eval=out_of_time)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.log_rows[-1]['tokens_per_s']:,.0f}")
+                    left = (f"{cfg.max_minutes - self.elapsed() / 60:.1f}"
+                            if cfg.max_minutes else None)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.log_rows[-1]['tokens_per_s']:,.0f}",
+                                    **({"min_left": left} if left else {}))
                     interval = (time.perf_counter(), 0)
                 if self.step % cfg.checkpoint_interval == 0 and not self.bad_in_a_row:
                     saved = self.checkpoint()
@@ -385,7 +390,9 @@ class Trainer:
         elif saved:
             saved = self.checkpoint()
         stopped = self.stop.reason if self.stop.is_set() else ""
-        self.meta["status"] = "finished" if not stopped else f"stopped at step {self.step}: {stopped}"
+        planned = stopped == self.budget_reason  # the time budget is a normal end, not a stop
+        self.meta["status"] = ("finished" if not stopped else f"finished: {stopped}" if planned
+                               else f"stopped at step {self.step}: {stopped}")
         self.meta["skipped_steps"] = self.skipped_steps
         if self.dist.is_main:
             runs.save_configs(self.run_dir, self.model_cfg, cfg, self.meta)
@@ -393,7 +400,7 @@ class Trainer:
         result = TrainResult(self.run_dir, self.step, self.tokens, self.elapsed(),
                              self.last_val[0] if self.last_val else None,
                              self.last_val[1] if self.last_val else None, stopped)
-        self.say(str(result) + ("; resume with resume=true" if stopped else ""))
+        self.say(str(result) + ("; resume with resume=true" if stopped and not planned else ""))
         return result
 
 

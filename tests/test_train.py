@@ -6,7 +6,7 @@ import torch
 
 from minlm import LM, ModelConfig, TrainConfig
 from minlm.evaluate import bits_per_byte
-from minlm.runs import RunError, list_runs, load_run, read_log
+from minlm.runs import RunError, list_runs, load_run, read_configs, read_log
 from minlm.train import StopFlag, lr_at, make_optimizer, train
 
 DETERMINISTIC_COLUMNS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm"]
@@ -150,3 +150,4 @@ def test_time_budget_ends_on_one_evaluated_row(tmp_path, shard_cache):
     assert log["step"].iloc[-1] == result.step
     assert log["val_bpb"].iloc[-1] == pytest.approx(result.val_bpb)
     assert result.stopped.startswith("time budget")
+    assert read_configs(result.run_dir)[2]["status"] == "finished: time budget of 0.03 min reached"
