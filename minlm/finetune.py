@@ -397,6 +397,7 @@ class _Tuner:
                               if cfg.lora_rank else None),
                      "tokenizer_hash": self.tokenizer.hash, "data_meta": self.data_meta,
                      "device": str(self.device), "bf16": self.bf16,
+                     "hardware": runs.hardware(self.device),
                      "versions": runs.library_versions(), "status": "training"}
         self.meta["tokenizer_path"] = str(runs.copy_tokenizer(self.run_dir, self.tokenizer))
         runs.save_configs(self.run_dir, self.model_cfg, self.train_cfg, self.meta)

@@ -45,7 +45,7 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
                   "fine-tuning settings and data.", ""]
     lines += ["| | |", "|---|---|"]
     data = meta.get("data_meta", {}).get("source") or tc.data
-    rows = [("data", f"`{data}`"), ("tokenizer", f"`{Path(meta.get('tokenizer_path', '')).name}` "
+    rows = [("data", f"`{Path(str(data)).name}`"), ("tokenizer", f"`{Path(meta.get('tokenizer_path', '')).name}` "
                                                    f"(hash {str(meta.get('tokenizer_hash', ''))[:12]})"),
             ("optimizer", f"{tc.optimizer}, lr {tc.lr:g}, {tc.schedule} schedule, batch "
                           f"{tc.batch_size} x {mc.block_size} tokens"),
@@ -54,6 +54,13 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
     if last is not None:
         rows += [("steps", f"{int(last['step']):,}"), ("tokens seen", f"{int(last['tokens']):,}"),
                  ("wall time", f"{float(last['elapsed_s']) / 60:.1f} min")]
+    if parent and "val_loss_before" in meta:
+        what = "DPO loss" if meta.get("kind") == "dpo" else "loss on assistant tokens"
+        ft = meta.get("finetune", {})
+        rows += [("fine-tuning", f"{meta.get('kind', '').upper()}, mode {ft.get('mode', '-')}, "
+                                 f"{meta.get('epochs', '?')} epochs, lr {ft.get('lr', '?')}"),
+                 (f"held-out {what}", f"{meta['val_loss_before']:.4f} before, "
+                                      f"**{meta['val_loss_best']:.4f}** after")]
     if len(evals):
         rows.append(("val bits per byte (training log)", f"{float(evals['val_bpb'].iloc[-1]):.4f}"))
     if eval_file is not None:
