@@ -1,8 +1,8 @@
 """Named model presets: one family per seed project, in sizes from ~0.5M to ~40M parameters.
 
 The number in a name is the total parameter count with tied embeddings (checked by a test).
-Vocabulary sizes match the tokenizers shipped in ``tokenizers/`` (512/1024/2048/4096) so a
-preset trains as is; ``lillm-39m`` keeps its published 8192.
+Vocabulary sizes match the tokenizers shipped in ``tokenizers/`` (512/1024/2048/4096/8192) so
+every preset trains as is; ``lillm-39m`` keeps its published 8192.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from minlm.tokenizer import (
     shipped_tokenizer_path,
 )
 
-SIZES = [512, 1024, 2048, 4096]
+SIZES = [512, 1024, 2048, 4096, 8192]
 HARD = [
     "Grüße aus Köln! Ça va? ñandú",
     "emoji 😀🎉👩‍👩‍👧 and CJK 你好世界, こんにちは, 안녕하세요",
@@ -101,7 +101,7 @@ def test_display_shows_pieces():
 def test_missing_and_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.model.*tinystories-2048"):
         load_tokenizer(tmp_path / "nope.model")
-    with pytest.raises(ValueError, match=r"vocab_size=123.*\[512, 1024, 2048, 4096\]"):
+    with pytest.raises(ValueError, match=r"vocab_size=123.*\[512, 1024, 2048, 4096, 8192\]"):
         shipped_tokenizer_path(123)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
