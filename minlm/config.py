@@ -48,6 +48,12 @@ def _literal_choices(tp: Any) -> tuple | None:
 class _Serialisable:
     """JSON round-trip, string overrides and validation shared by both configs."""
 
+    def _require(self, names: tuple[str, ...], ok, rule: str) -> None:
+        """Reject the first field among ``names`` whose value fails ``ok``, saying ``rule``."""
+        for name in names:
+            if not ok(getattr(self, name)):
+                _fail(name, getattr(self, name), rule)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -419,19 +425,14 @@ class TrainConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name in ("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
-                     "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                _fail(name, getattr(self, name), "must be a positive integer")
-        for name in ("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "must be >= 0")
-        if not self.lr > 0:
-            _fail("lr", self.lr, "must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if self.weight_decay < 0:
-            _fail("weight_decay", self.weight_decay, "must be >= 0")
+        self._require(("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
+                       "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"),
+                      lambda v: v >= 1, "must be a positive integer")
+        self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs"),
+                      lambda v: v >= 0, "must be >= 0")
+        self._require(("lr",), lambda v: v > 0, "must be > 0")
+        self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be in [0, 1)")

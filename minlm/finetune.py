@@ -94,20 +94,13 @@ class _TuneConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name in ("epochs", "batch_size", "log_interval"):
-            if getattr(self, name) < 1:
-                _fail(name, getattr(self, name), "must be a positive integer")
-        for name in ("max_steps", "warmup_iters", "max_val", "eval_interval", "patience",
-                     "max_examples", "lora_rank"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "must be >= 0")
-        if not self.lr > 0:
-            _fail("lr", self.lr, "must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            name = "weight_decay" if self.weight_decay < 0 else "grad_clip"
-            _fail(name, getattr(self, name), "must be >= 0")
+        self._require(("epochs", "batch_size", "log_interval"), lambda v: v >= 1,
+                      "must be a positive integer")
+        self._require(("max_steps", "warmup_iters", "max_val", "eval_interval", "patience",
+                       "max_examples", "lora_rank", "weight_decay", "grad_clip"),
+                      lambda v: v >= 0, "must be >= 0")
+        self._require(("lr",), lambda v: v > 0, "must be > 0")
+        self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
         if not 0 <= self.val_fraction < 1:
             _fail("val_fraction", self.val_fraction, "must be in [0, 1)")
         if self.lora_rank and not self.lora_alpha > 0:
