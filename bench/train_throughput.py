@@ -23,14 +23,21 @@ from minlm.interop import to_hf_gpt2, to_hf_llama
 from minlm.tokenizer import shipped_tokenizer_path
 
 
-def make_step(forward, params, bf16: bool):
+def logits_loss(forward):
+    """The textbook loss: full logits, upcast, cross-entropy (what transformers computes)."""
+    def loss(x, y):
+        logits = forward(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return loss
+
+
+def make_step(loss_fn, params, bf16: bool):
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step(x, y):
         with ctx():
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -72,30 +79,37 @@ def main() -> None:
         shards = prepare("tinystories", str(shipped_tokenizer_path(cfg.vocab_size)), max_docs=2000,
                          verbose=False)
         gen = torch.Generator().manual_seed(0)
-        need = (args.rounds * args.steps + 2) * (4 + args.compile)
+        need = (args.rounds * args.steps + 2) * (5 + args.compile)
         batches = [get_batch(shards.train, args.batch_size, cfg.block_size, gen) for _ in range(need)]
         torch.manual_seed(0)
         ours = LM(cfg)
         theirs = (to_hf_llama if cfg.position == "rope" else to_hf_gpt2)(ours)
         theirs.train()
-        ours_bf16 = LM(cfg)
-        ours_bf16.load_state_dict(ours.state_dict())
+        copies = {}
+        for name in ("unfused", "bf16", "compiled"):
+            copies[name] = LM(cfg)
+            copies[name].load_state_dict(ours.state_dict())
+        # minlm as its trainer runs it: head and loss fused (model(x, y, return_logits=False))
+        trainer_loss = lambda m: lambda x, y: m(x, y, return_logits=False)[1]  # noqa: E731
         contenders = {
-            "minlm fp32": make_step(lambda x: ours(x)[0], list(ours.parameters()), False),
-            "transformers fp32": make_step(lambda x: theirs(x).logits, list(theirs.parameters()), False),
-            "minlm bf16": make_step(lambda x: ours_bf16(x)[0], list(ours_bf16.parameters()), True),
+            "minlm fp32": make_step(trainer_loss(ours), list(ours.parameters()), False),
+            "transformers fp32": make_step(logits_loss(lambda x: theirs(x).logits),
+                                           list(theirs.parameters()), False),
+            "minlm fp32 unfused": make_step(logits_loss(lambda x: copies["unfused"](x)[0]),
+                                            list(copies["unfused"].parameters()), False),
+            "minlm bf16": make_step(trainer_loss(copies["bf16"]), list(copies["bf16"].parameters()),
+                                    True),
         }
         if args.compile:
-            compiled = LM(cfg)
-            compiled.load_state_dict(ours.state_dict())
-            fast = torch.compile(compiled)
-            contenders["minlm fp32 compiled"] = make_step(lambda x: fast(x)[0],
-                                                          list(compiled.parameters()), False)
+            fast = torch.compile(copies["compiled"])
+            contenders["minlm fp32 compiled"] = make_step(trainer_loss(fast),
+                                                          list(copies["compiled"].parameters()), False)
         tps = measure(contenders, batches, args.rounds, args.steps, args.batch_size * cfg.block_size)
         print(f"\n{preset} ({ours.num_params():,} params, block {cfg.block_size}):")
         for name, v in tps.items():
             print(f"  {name:<22} {v:>10,.0f} tokens/s")
         print(f"  ratio minlm / transformers (fp32): {tps['minlm fp32'] / tps['transformers fp32']:.2f}x")
+        print(f"  ratio fused / unfused loss:        {tps['minlm fp32'] / tps['minlm fp32 unfused']:.2f}x")
         print(f"  ratio bf16 / fp32 (minlm):         {tps['minlm bf16'] / tps['minlm fp32']:.2f}x")
         if args.compile:
             print(f"  ratio compiled / eager (minlm):    {tps['minlm fp32 compiled'] / tps['minlm fp32']:.2f}x")

@@ -52,7 +52,7 @@ from minlm.chatdata import (
     resolve_chat_file,
 )
 from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable
-from minlm.model import masked_cross_entropy
+from minlm.loss import masked_cross_entropy
 from minlm.tracing import LoggingModule
 
 # ---------------------------------------------------------------------------------------

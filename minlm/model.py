@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from minlm import tracing
 from minlm.config import ModelConfig
+from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.tracing import Identity, LoggingModule
 
@@ -79,8 +80,12 @@ class LM(LoggingModule):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache=None, key_valid: torch.Tensor | None = None):
+                cache=None, key_valid: torch.Tensor | None = None, return_logits: bool = True):
         """Logits (B, T, V) and, given targets, the mean cross-entropy over unmasked targets.
+
+        ``return_logits=False`` (the trainer's choice) with targets fuses the head into the loss
+        (``minlm.loss.fused_linear_cross_entropy``): faster and lighter, and the logits come
+        back as None. Soft-capped logits and traces always take the plain path.
 
         ``loss_mask`` (B, T) weights each target (0 drops it); targets equal to -100 are
         ignored too. ``positions``/``cache``/``key_valid`` serve incremental decoding: block i
@@ -102,17 +107,25 @@ class LM(LoggingModule):
             x = block(x, positions=positions, cache=layer_cache, key_valid=key_valid)
         if cache is not None:
             cache.advance(T)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)  # (B, T, C)
+        if targets is not None and not return_logits and not self.config.logit_softcap \
+                and not tracing.enabled():
+            loss = fused_linear_cross_entropy(h, self.head.weight, targets, loss_mask)
+            return None, self._with_aux(loss, self._collect_aux_loss(h))
+        logits = self.head(h)  # (B, T, V)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         aux = self._collect_aux_loss(logits)
         if targets is None:
             return logits, None
-        loss = masked_cross_entropy(logits, targets, loss_mask)
+        return logits, self._with_aux(masked_cross_entropy(logits, targets, loss_mask), aux)
+
+    def _with_aux(self, loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """The training loss adds the weighted load-balancing loss (MoE, training mode only)."""
         if self.training and self._moe_layers:
             loss = loss + self.config.aux_loss_weight * aux
-        return logits, loss
+        return loss
 
     def _collect_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
         """Mean load-balancing loss over every MoE call of this forward (tied blocks count twice)."""
@@ -127,15 +140,3 @@ class LM(LoggingModule):
     def from_preset(cls, name: str, **overrides) -> "LM":
         return cls(ModelConfig.from_preset(name, **overrides))
 
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over the targets that count (mask > 0 and target != -100)."""
-    V = logits.shape[-1]
-    flat_logits = logits.reshape(-1, V).float()  # (B*T, V)
-    flat_targets = targets.reshape(-1)  # (B*T,)
-    if loss_mask is None:
-        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-    losses = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
-    weights = loss_mask.reshape(-1).to(losses.dtype) * (flat_targets != -100)
-    return (losses * weights).sum() / weights.sum().clamp(min=1)

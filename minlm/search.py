@@ -130,7 +130,7 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        logits, loss = model(x, x)
+        _, loss = model(x, x, return_logits=False)  # as the trainer runs it
     loss.backward()
     optimizer.step()
     if device.type == "cuda":

@@ -287,7 +287,7 @@ class Trainer:
             x, y = get_batch(self.shards.train, cfg.batch_size, T, self.batch_gen, self.device, shard)
             sync = micro == cfg.grad_accum_steps - 1 or not hasattr(self.fwd, "no_sync")
             with self.autocast(), (contextlib.nullcontext() if sync else self.fwd.no_sync()):
-                _, loss = self.fwd(x, y)
+                _, loss = self.fwd(x, y, return_logits=False)  # fused head + loss
                 (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.item()
             aux_sum += float(self.model.aux_loss)  # MoE load balance; 0 without experts

@@ -70,7 +70,7 @@ class Attention(LoggingModule):
         k_pos = positions
         if cache is not None:  # this layer's cache (LM passes cache.layer(i)): append, attend to all
             k, v, k_pos, key_valid = cache.update(k, v, positions, key_valid)
-        if K != H:
+        if K != H and (self.softcap or tracing.enabled()):  # the explicit path needs H heads
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(H // K, dim=1)
         y = self._attend(q, k, v, positions, k_pos, key_valid)  # (B, H, T, D)
@@ -82,18 +82,21 @@ class Attention(LoggingModule):
         plain_causal = (self.alibi is None and not self.window and key_valid is None
                         and T == S and q_pos.dim() == 1)
         dropout = self.dropout if self.training else 0.0
+        gqa = k.shape[1] != q.shape[1]  # SDPA shares each key/value head without copying it
         if self.softcap or tracing.enabled():
             probs = self._explicit_probs(q, k, q_pos, k_pos, key_valid)
             if self.softcap:
                 probs = F.dropout(probs, dropout, self.training)
                 return probs @ v
         if plain_causal:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                  enable_gqa=gqa)
         mask = attention_mask(q_pos, k_pos, self.window, key_valid)
         if self.alibi is not None:
             bias = self.alibi(q_pos, k_pos).to(q.dtype)
             mask = bias.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              enable_gqa=gqa)
 
     def _explicit_probs(self, q, k, q_pos, k_pos, key_valid):
         scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, H, T, S)

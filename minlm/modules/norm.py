@@ -18,9 +18,7 @@ class RMSNorm(LoggingModule):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = h.to(x.dtype)
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
         return h * self.weight if self.weight is not None else h
 
 
