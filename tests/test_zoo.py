@@ -546,3 +546,17 @@ def test_every_family_learns_tinystories(name, tinystories):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(f"{name}: first 10 steps {first:.3f}, last 10 {last:.3f}")
     assert last < first - 0.5, (name, first, last)
+
+
+def test_one_pass_activation_ste_matches_the_two_step_form():
+    from minlm.modules.bitlinear import quantize_activations, quantize_activations_ste, ste
+
+    x = torch.randn(6, 40, requires_grad=True)
+    weights = torch.randn(6, 40)
+    (ste(x, quantize_activations(x)) * weights).sum().backward()
+    expected_grad = x.grad.clone()
+    x.grad = None
+    y = quantize_activations_ste(x)
+    (y * weights).sum().backward()
+    assert torch.equal(y, quantize_activations(x))
+    assert torch.equal(x.grad, expected_grad)
