@@ -66,6 +66,50 @@ def cmd_train(args) -> None:
     print(result)
 
 
+def cmd_search(args) -> None:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from minlm.config import ModelConfig, TrainConfig
+    from minlm.search import grid, search
+
+    fixed, axes = [], {}  # key=a,b,c is an axis of the grid; key=a a fixed setting
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if "," in value:
+            axes[key.strip().replace("-", "_")] = [v.strip() for v in value.split(",")]
+        else:
+            fixed.append(item)
+    model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in axes.items()])
+    axis_keys = set(axes)
+    model_cfg = ModelConfig.from_preset(args.preset).with_overrides(
+        [i for i in model_items if i.split("=", 1)[0].strip().replace("-", "_") not in axis_keys])
+    train_cfg = TrainConfig(preset=args.preset).with_overrides(
+        [i for i in train_items if i.split("=", 1)[0].strip().replace("-", "_") not in axis_keys])
+    owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in axes}
+    typed = {k: [getattr(owner[k].with_overrides([f"{k}={v}"]), k) for v in vals]
+             for k, vals in axes.items()}  # each value parsed and checked by its config
+    result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg,
+                    memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
+                    compute_budget=args.compute, max_params=args.max_params)
+    table = result.table
+    out = Path(train_cfg.out_dir) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    result.figure().savefig(out / "results.png", dpi=120)
+    shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
+                         "status", "reason"] if c in table.columns]
+    with pd.option_context("display.width", 220, "display.max_columns", 20,
+                           "display.max_colwidth", 70):
+        print(table[shown].to_string(index=False))
+    best = result.best
+    print(f"wrote {out / 'results.csv'} and {out / 'results.png'}")
+    if best is not None:
+        print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
+              f"{best.run_dir}")
+
+
 def _sampling(args) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
@@ -239,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
     tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
     tr.set_defaults(func=cmd_train)
+
+    se = sub.add_parser("search", help="grid search over config fields, with a memory budget "
+                        "and successive halving", description="Grid search: key=a,b,c makes an "
+                        "axis, key=a a fixed setting; any ModelConfig or TrainConfig field. Every "
+                        "trial is a run under out_dir/NAME/; the table (best first) is printed "
+                        "and saved with a plot.")
+    se.add_argument("--preset", default="llama-1m", help="base model preset")
+    se.add_argument("--name", default="search", help="folder under out_dir for the trials")
+    se.add_argument("--memory", default=None, help="peak memory budget per trial, e.g. 4GB")
+    se.add_argument("--compute", type=float, default=None,
+                    help="training FLOPs per trial: bigger models get fewer steps (equal compute)")
+    se.add_argument("--max-params", type=int, default=None, help="skip larger candidates")
+    se.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
+    se.add_argument("--rungs", type=int, default=3, help="number of rungs (1: no cutting)")
+    se.add_argument("overrides", nargs="*", help="key=value or key=a,b,c (an axis)")
+    se.set_defaults(func=cmd_search)
 
     g = sub.add_parser("generate", help="continue prompts with a trained run")
     g.add_argument("run", help="run name under trained_models/ or a run folder path")

@@ -140,7 +140,11 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
     grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     state = nbytes(v for s in optimizer.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-    return weights + grads + state + sum(saved.values()) + logits.numel() * logits.element_size()
+    from minlm.loss import CHUNK_ELEMENTS
+
+    V = model_cfg.vocab_size  # the fused loss holds one chunk of fp32 logits at a time
+    logits_chunk = min(x.numel(), max(1, CHUNK_ELEMENTS // V)) * V * 4
+    return weights + grads + state + sum(saved.values()) + logits_chunk
 
 
 def memory_in_use(device: torch.device) -> int:
@@ -237,15 +241,29 @@ def _rungs(max_iters: int, eval_interval: int, eta: int, n_rungs: int) -> list[i
     return out + [max_iters]
 
 
+def steps_for_compute(model_cfg: ModelConfig, train_cfg: TrainConfig, compute: float) -> int:
+    """Optimizer steps that spend ``compute`` training FLOPs (at least one evaluation interval)."""
+    per_step = (flops_per_token(model_cfg) * train_cfg.batch_size * model_cfg.block_size
+                * train_cfg.grad_accum_steps)
+    return max(train_cfg.eval_interval, int(compute // per_step))
+
+
 def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainConfig,
            memory_budget: int | float | str | None = None, eta: int = 3, n_rungs: int = 3,
            name: str = "search", device: str | torch.device | None = None,
            callbacks: Sequence[Callable[[Trial, dict], None]] = (),
+           compute_budget: float | None = None, max_params: int | None = None,
            verbose: bool = True) -> SearchResult:
     """Train each candidate (dicts of config overrides) as a run under
     ``train_cfg.out_dir/<name>/``, skipping those whose measured step memory exceeds
     ``memory_budget`` (bytes or "2GB"), and cutting all but the best 1/``eta`` at each of
     ``n_rungs`` rungs (``n_rungs=1``: no cutting). Returns the trials, best first in ``.table``.
+
+    Every trial trains for ``train_cfg.max_iters`` steps, which favours the larger models. With
+    ``compute_budget`` (training FLOPs per trial) each trial instead gets the steps that budget
+    buys, so a model twice the size trains half as long, schedule included, and the rungs
+    compare trials at equal compute: the question a fixed amount of hardware time asks.
+    ``max_params`` skips (with the reason) candidates with more parameters.
     """
     from tqdm.auto import tqdm
 
@@ -274,6 +292,11 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
         try:
             m, tc = split_overrides(overrides, model_cfg, base_train)
             t.params = estimate_params(m)
+            if max_params is not None and t.params > max_params:
+                t.status = "skipped"
+                t.reason = f"{t.params:,} parameters, over the limit of {max_params:,}"
+                say(f"{t.name}: skipped; {t.reason}")
+                continue
             estimate = estimate_training_bytes(m, tc.batch_size)
             if budget is not None and estimate > 2 * budget:  # far over: do not even try it
                 t.status, t.peak_memory = "skipped", estimate
@@ -294,18 +317,23 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
                         f"budget of {budget / 2**20:,.1f} MiB")
             say(f"{t.name}: skipped; {t.reason}")
             continue
+        if compute_budget:
+            tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
         configs[t.name] = (m, tc.replace(run_name=t.name))
 
     active = [t for t in trials if t.name in configs]
-    rungs = _rungs(base_train.max_iters, base_train.eval_interval, eta, n_rungs)
-    for r, rung in enumerate(rungs):
-        bar = tqdm(active, desc=f"rung {r + 1}/{len(rungs)}: to step {rung}", disable=not verbose)
+    rungs = {n: _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs) for n, (_, tc) in configs.items()}
+    n_rounds = max((len(r) for r in rungs.values()), default=0)
+    for r in range(n_rounds):
+        bar = tqdm(active, desc=f"rung {r + 1}/{n_rounds}", disable=not verbose)
         for t in bar:
             m, tc = configs[t.name]
-            _train_to(t, m, tc.replace(resume=r > 0, overwrite=r == 0), rung, dev, budget,
-                      callbacks)
+            rung = rungs[t.name][min(r, len(rungs[t.name]) - 1)]  # short lists: stay at the end
+            if t.steps < rung:
+                _train_to(t, m, tc.replace(resume=r > 0, overwrite=r == 0), rung, dev, budget,
+                          callbacks)
         ranked = sorted((t for t in active if t.status == "trained"), key=lambda t: t.val_bpb)
-        if r == len(rungs) - 1 or not ranked:
+        if r == n_rounds - 1 or not ranked:
             break
         keep = ranked[:max(1, math.ceil(len(ranked) / eta))]
         for t in ranked[len(keep):]:

@@ -71,6 +71,8 @@ def _cases(root):
         (["generate", "bad-json", "Once"], r"config JSON is not valid"),
         (["generate", "gpt", "Once upon a time " * 40], r"the prompt is \d+ tokens, longer than the context of 32 tokens"),
         (["trace", "--preset", "nope"], r"unknown preset 'nope'"),
+        (["search", "dim=32,abc"], r"dim='abc' is invalid: must be an integer"),
+        (["search", "widht=32,64"], r"unknown setting 'widht'"),
     ]
 
 

@@ -5,8 +5,9 @@ import math
 import pytest
 
 from minlm import ModelConfig, TrainConfig
-from minlm.search import (grid, measure_step_memory, parse_bytes, random_candidates, search,
-                          split_overrides)
+from minlm.flops import flops_per_token
+from minlm.search import (_rungs, grid, measure_step_memory, parse_bytes, random_candidates,
+                          search, split_overrides, steps_for_compute)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,3 +84,48 @@ def test_successive_halving_cuts_an_obviously_bad_trial(tmp_path, shared_data):
     assert good.status == "trained" and good.steps == 16  # resumed past the rung to the end
     assert [s for s, _ in good.curve] == [4, 8, 12, 16]
     assert result.best is good and result.table["trial"][0] == good.name
+
+
+
+def test_compute_budget_gives_bigger_models_fewer_steps_and_equal_compute(tmp_path, shared_data):
+    model, train = base_cfgs(tmp_path)
+    per_step = lambda dim: (flops_per_token(model.replace(dim=dim))  # noqa: E731
+                            * train.batch_size * model.block_size)
+    budget = 40 * per_step(32)
+    full = {32: 40, 64: steps_for_compute(model.replace(dim=64), train, budget)}
+    assert steps_for_compute(model.replace(dim=32), train, budget) == 40
+    assert 4 <= full[64] < 40  # the bigger model buys fewer steps
+    result = search(grid(dim=[32, 64]), model, train, compute_budget=budget, eta=2, n_rungs=2,
+                    verbose=False)
+    assert sorted(t.status for t in result.trials) == ["cut", "trained"]
+    for t in result.trials:
+        steps = full[t.overrides["dim"]]
+        if t.status == "cut":  # compared at the first rung: about half the budget each
+            assert t.steps == _rungs(steps, 4, 2, 2)[0]
+            assert t.compute == pytest.approx(budget / 2, rel=0.3)
+        else:
+            assert t.steps == steps and t.compute == pytest.approx(budget, rel=0.1)
+
+
+def test_search_command_runs_a_grid_skips_oversized_and_saves_the_table(tmp_path, shared_data,
+                                                                         capsys):
+    import pandas as pd
+
+    from minlm.cli import main
+
+    code = main(["search", "--preset", "llama-0.5m", "--name", "grid", "--rungs", "1",
+                 "--max-params", "40000", "vocab_size=512", "dim=32,96", "n_layers=1",
+                 "n_heads=2", "n_kv_heads=1", "block_size=32", "lr=3e-3,1e-2", "max_iters=4",
+                 "batch_size=4", "eval_interval=4", "eval_iters=1", "max_docs=200",
+                 "num_workers=1", f"out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = pd.read_csv(tmp_path / "grid" / "results.csv")
+    assert len(table) == 4 and (tmp_path / "grid" / "results.png").is_file()
+    assert sorted(table["dim"]) == [32, 32, 96, 96] and set(table["lr"]) == {3e-3, 1e-2}
+    big = table[table["dim"] == 96]
+    assert (big["status"] == "skipped").all()
+    assert big["reason"].str.contains("over the limit of 40,000").all()
+    small = table[table["dim"] == 32]
+    assert (small["status"] == "trained").all() and list(table["status"][:2]) == ["trained"] * 2
+    assert "best: trial" in out
