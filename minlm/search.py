@@ -234,7 +234,7 @@ class SearchResult:
 def _rungs(max_iters: int, eval_interval: int, eta: int, n_rungs: int) -> list[int]:
     """Steps at which trials are compared: max_iters / eta^k, on evaluation steps."""
     out = []
-    for k in range(n_rungs - 1, -1, -1):
+    for k in range(n_rungs - 1, 0, -1):  # the last rung is max_iters itself
         step = max(eval_interval, round(max_iters / eta**k / eval_interval) * eval_interval)
         if step < max_iters and (not out or step > out[-1]):
             out.append(step)

@@ -129,3 +129,9 @@ def test_search_command_runs_a_grid_skips_oversized_and_saves_the_table(tmp_path
     small = table[table["dim"] == 32]
     assert (small["status"] == "trained").all() and list(table["status"][:2]) == ["trained"] * 2
     assert "best: trial" in out
+
+
+def test_rungs_end_at_max_iters_once_even_off_the_evaluation_grid():
+    assert _rungs(300, 50, 3, 3) == [50, 100, 300]
+    assert _rungs(483, 20, 3, 2) == [160, 483]  # was [160, 480, 483]: one rung too many
+    assert _rungs(16, 4, 2, 1) == [16]
