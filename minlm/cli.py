@@ -24,6 +24,11 @@ def cmd_trace(args) -> None:
     print(t.format(stats=not args.no_stats, max_depth=args.depth))
 
 
+def _key(item: str) -> str:
+    """The setting a ``key=value`` override names, as the configs spell it."""
+    return item.split("=", 1)[0].strip().replace("-", "_")
+
+
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     """Route each ``key=value`` to ModelConfig or TrainConfig; unknown keys list both."""
     from minlm.config import ConfigError, ModelConfig, TrainConfig
@@ -33,7 +38,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key = item.split("=", 1)[0].strip().replace("-", "_")
+        key = _key(item)
         if key in model_keys:
             model_items.append(item)
         elif key in train_keys:
@@ -76,17 +81,16 @@ def cmd_search(args) -> None:
 
     fixed, axes = [], {}  # key=a,b,c is an axis of the grid; key=a a fixed setting
     for item in args.overrides:
-        key, _, value = item.partition("=")
+        value = item.partition("=")[2]
         if "," in value:
-            axes[key.strip().replace("-", "_")] = [v.strip() for v in value.split(",")]
+            axes[_key(item)] = [v.strip() for v in value.split(",")]
         else:
             fixed.append(item)
     model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in axes.items()])
-    axis_keys = set(axes)
     model_cfg = ModelConfig.from_preset(args.preset).with_overrides(
-        [i for i in model_items if i.split("=", 1)[0].strip().replace("-", "_") not in axis_keys])
+        [i for i in model_items if _key(i) not in axes])
     train_cfg = TrainConfig(preset=args.preset).with_overrides(
-        [i for i in train_items if i.split("=", 1)[0].strip().replace("-", "_") not in axis_keys])
+        [i for i in train_items if _key(i) not in axes])
     owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in axes}
     typed = {k: [getattr(owner[k].with_overrides([f"{k}={v}"]), k) for v in vals]
              for k, vals in axes.items()}  # each value parsed and checked by its config
