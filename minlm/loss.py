@@ -18,6 +18,11 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
 
 
+def chunk_rows(vocab_size: int) -> int:
+    """Rows of logits the fused loss computes at once (what it holds beyond its gradients)."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                          loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the targets that count (mask > 0 and target != -100)."""
@@ -85,5 +90,4 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     valid = flat_targets != -100
     weights = valid.float() if loss_mask is None else loss_mask.reshape(-1).float() * valid
     safe_targets = flat_targets.masked_fill(~valid, 0)  # ignored rows have weight 0
-    chunk = max(1, CHUNK_ELEMENTS // V)
-    return _FusedLinearCrossEntropy.apply(flat_h, weight, safe_targets, weights, chunk)
+    return _FusedLinearCrossEntropy.apply(flat_h, weight, safe_targets, weights, chunk_rows(V))

@@ -140,10 +140,10 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
     grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     state = nbytes(v for s in optimizer.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-    from minlm.loss import CHUNK_ELEMENTS
+    from minlm.loss import chunk_rows
 
     V = model_cfg.vocab_size  # the fused loss holds one chunk of fp32 logits at a time
-    logits_chunk = min(x.numel(), max(1, CHUNK_ELEMENTS // V)) * V * 4
+    logits_chunk = min(x.numel(), chunk_rows(V)) * V * 4
     return weights + grads + state + sum(saved.values()) + logits_chunk
 
 
