@@ -375,7 +375,7 @@ class _Tuner:
         self.reference = self.make_reference()
         self.trainable = count_trainable(self.model)
         self.steps_per_epoch = self.count_steps()
-        planned = self.steps_per_epoch * cfg.epochs
+        planned = self.count_all_steps()
         self.planned = min(planned, cfg.max_steps) if cfg.max_steps else planned
         self.run_dir = self._prepare_run_dir()
         self.train_cfg = self._record_train_config()
@@ -407,6 +407,10 @@ class _Tuner:
 
     def count_steps(self) -> int:
         raise NotImplementedError
+
+    def count_all_steps(self) -> int:
+        """Optimizer steps over every epoch: what the schedule and the progress bar plan for."""
+        return self.steps_per_epoch * self.cfg.epochs
 
     def batches(self, epoch: int) -> list:
         """The epoch's batches, in order (epoch 0: unshuffled, for counting)."""
@@ -638,10 +642,7 @@ class _SFT(_Tuner):
                      f"{data.problems[0]}")
 
     def _rows(self, epoch: int) -> list[Example]:
-        if epoch == 0:
-            order = list(range(len(self.train_items)))
-        else:
-            order = torch.randperm(len(self.train_items), generator=self.order_gen).tolist()
+        order = self._orders[epoch - 1] if epoch else range(len(self.train_items))
         items = [self.train_items[i] for i in order]
         if self.cfg.pack:
             return pack_examples(items, self.max_len, self.tokenizer.pad_id)
@@ -649,6 +650,14 @@ class _SFT(_Tuner):
 
     def count_steps(self) -> int:
         return math.ceil(len(self._rows(0)) / self.cfg.batch_size)
+
+    def count_all_steps(self) -> int:
+        # packing fills rows differently in each shuffled order, so every epoch's order is drawn
+        # now (the same draws, in the same sequence, as drawing each at its epoch) and counted
+        n, B = len(self.train_items), self.cfg.batch_size
+        self._orders = [torch.randperm(n, generator=self.order_gen).tolist()
+                        for _ in range(self.cfg.epochs)]
+        return sum(math.ceil(len(self._rows(e)) / B) for e in range(1, self.cfg.epochs + 1))
 
     def batches(self, epoch: int) -> list:
         rows, B = self._rows(epoch), self.cfg.batch_size

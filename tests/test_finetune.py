@@ -128,6 +128,23 @@ def test_sft_lowers_assistant_loss_and_leaves_a_run(parent, chat_file, tok):
         sft(parent, chat_file, max_steps=1, verbose=False)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_sft_plans_the_steps_it_takes(parent, tmp_path, seed):
+    """Regression: the plan counted one unshuffled epoch, but packing conversations of mixed
+    lengths fills a different number of rows in each shuffled order; the schedule then ended
+    early and the progress bar ran past 100 % (1415 steps of 1406 on hh_rlhf_helpful_sft)."""
+    convs = [[{"role": "user", "content": f"Tell me about the {thing}."},
+              {"role": "assistant", "content": f"The {thing} is" + " very" * (3 * k) + " nice."}]
+             for k, thing in enumerate(["sky", "grass", "sun", "snow", "night", "cat", "dog",
+                                        "tree", "sea", "moon", "rain", "wind"] * 2)]
+    path = tmp_path / "mixed.jsonl"
+    write_conversations(convs, path)
+    result = sft(parent, path, epochs=3, batch_size=1, val_fraction=0.1, eval_interval=0,
+                 patience=0, seed=seed, run_name=f"mixed-{seed}", verbose=False, device="cpu")
+    planned = runs.load_run(result.run_dir).train_config.max_iters
+    assert result.epochs == 3 and result.step == planned
+
+
 def test_sft_stops_early_and_keeps_the_best_weights(parent, chat_file):
     result = sft(parent, chat_file, epochs=5, batch_size=2, lr=2.0, warmup_iters=0,
                  eval_interval=1, patience=2, val_fraction=0.2, verbose=False, device="cpu",
