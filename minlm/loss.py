@@ -5,9 +5,8 @@ The fused form exists for speed. Computing the logits, their log-softmax, and th
 gradient in a separate backward pass reads and writes a B*T x V tensor four or five times;
 at 1M parameters that tensor is the largest one in the step (64 MB for 32 x 256 tokens and a
 2048-piece vocabulary) and those passes took over a tenth of a llama-1m step on a 2-core CPU
-(profiled). Here each chunk of
-rows computes its logits, loss and gradient in one go during the forward, while the chunk is
-still in cache; the backward only scales the stored gradients.
+(profiled). Here each chunk of rows computes its logits, loss and gradient in one go during the
+forward, while the chunk is still in cache; the backward only scales the stored gradients.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch
 
 from minlm.config import ModelConfig, TrainConfig
 from minlm.flops import flops_per_token
+from minlm.loss import chunk_rows
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -140,8 +141,6 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
     grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     state = nbytes(v for s in optimizer.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-    from minlm.loss import chunk_rows
-
     V = model_cfg.vocab_size  # the fused loss holds one chunk of fp32 logits at a time
     logits_chunk = min(x.numel(), chunk_rows(V)) * V * 4
     return weights + grads + state + sum(saved.values()) + logits_chunk
