@@ -255,6 +255,20 @@ def cmd_dpo(args) -> None:
     _finetune(args, "dpo")
 
 
+def cmd_export(args) -> None:
+    from minlm.export import export_run
+
+    out = export_run(args.run, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def cmd_import(args) -> None:
+    from minlm.hub_import import import_checkpoint
+
+    run_dir = import_checkpoint(args.source, args.name, overwrite=args.overwrite)
+    print(f"wrote run {run_dir}; try: python -m minlm generate {run_dir} \"Once upon a time\"")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
@@ -386,7 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
+    _add_travel_commands(sub)
     return p
+
+
+def _add_travel_commands(sub) -> None:
+    ex = sub.add_parser("export", help="write a run as a transformers folder or a GGUF file",
+                        description="--format hf: a folder AutoModelForCausalLM/AutoTokenizer "
+                        "load without minlm (llama- and gpt2-family runs); --format gguf: one "
+                        "file for llama.cpp (llama family).")
+    ex.add_argument("run", help="run name under trained_models/ or a run folder path")
+    ex.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    ex.add_argument("--out", required=True, help="folder (hf) or .gguf file to write")
+    ex.add_argument("--dtype", default="f16", choices=["f32", "f16"],
+                    help="GGUF weight type (norms stay f32)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a Hugging Face Llama or GPT-2 checkpoint as a run folder")
+    im.add_argument("source", help="checkpoint folder (config.json + safetensors + tokenizer), "
+                    "or hf:owner/name to download it from the Hub")
+    im.add_argument("--name", default=None, help="run name (default: the folder's name)")
+    im.add_argument("--overwrite", action="store_true", help="replace a run of that name")
+    im.set_defaults(func=cmd_import)
 
 
 def main(argv: list[str] | None = None) -> int:
