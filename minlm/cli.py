@@ -15,11 +15,20 @@ def cmd_trace(args) -> None:
     from minlm.config import ModelConfig
     from minlm.model import LM
 
-    cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
-    model = LM(cfg).eval()
+    if args.run:  # a run's own model, e.g. one brought in by ``import``
+        from minlm.runs import load_run
+
+        if args.overrides:
+            raise ValueError(f"--run {args.run} traces the run as saved; drop the overrides "
+                             f"{args.overrides}")
+        model, label = load_run(args.run).model, args.run
+        cfg = model.config
+    else:
+        cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
+        model, label = LM(cfg).eval(), args.preset
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens))
     t = model.trace(idx)
-    print(f"{args.preset}: {model.num_params():,} parameters "
+    print(f"{label}: {model.num_params():,} parameters "
           f"({model.num_params(non_embedding=True):,} without embeddings)")
     print(t.format(stats=not args.no_stats, max_depth=args.depth))
 
@@ -288,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="print the shape trace of a preset model")
     t.add_argument("--preset", default="llama-1m", help="model preset name")
+    t.add_argument("--run", default=None, help="trace this run's model instead of a preset")
     t.add_argument("--batch", type=int, default=1, help="batch size of the dummy input")
     t.add_argument("--tokens", type=int, default=16, help="sequence length of the dummy input")
     t.add_argument("--depth", type=int, default=None, help="deepest level of the tree shown")

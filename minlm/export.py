@@ -189,7 +189,8 @@ def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool
     from minlm.tokenizer import SentencePieceTokenizer
 
     if dtype not in GGUF_DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported for GGUF; choose one of {GGUF_DTYPES}")
+        raise ValueError(f"--dtype {dtype!r} is not supported for GGUF; choose one of "
+                         f"{GGUF_DTYPES}")
     gguf = _import_gguf()
     run, out = _load(run), Path(out)
     cfg, tok = run.model_config, run.tokenizer

@@ -18,7 +18,8 @@ from pathlib import Path
 HUB_PREFIX = "hf:"
 # what a checkpoint folder needs; no pickled ``.bin`` weights (not safe to load)
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json",
              "vocab.json", "merges.txt"]
 
 
@@ -75,7 +76,8 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
             raise runs.RunError(f"run {name!r} already exists in {base}; pass --overwrite to "
                                 "replace it, or choose another --name")
         if not (run_dir / "model_config.json").exists():
-            raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a run folder")
+            raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a "
+                                "run folder")
     hf_cfg = AutoConfig.from_pretrained(folder)
     try:
         model_config_from_hf(hf_cfg)  # refuse an unsupported model before loading its weights

@@ -131,7 +131,8 @@ def model_config_from_hf(hf_cfg) -> ModelConfig:
         for field, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if getattr(hf_cfg, field, ok) != ok:
                 refuse(field, getattr(hf_cfg, field), repr(ok))
-        head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+        n_heads = hf_cfg.num_attention_heads
+        head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
         return ModelConfig.from_preset(
             "llama-1m", vocab_size=hf_cfg.vocab_size, block_size=hf_cfg.max_position_embeddings,
             dim=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers", reason="export needs requirem
 
 from minlm.data import read_documents  # noqa: E402
 from minlm.export import export_gguf, export_hf, rope_deinterleave  # noqa: E402
-from minlm.generate import generate_ids  # noqa: E402
+from minlm.generate import generate, generate_ids  # noqa: E402
 from minlm.runs import load_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +246,11 @@ def test_imported_llama_gives_the_same_logits_then_fine_tunes(tmp_path, shared_d
     idx = torch.randint(0, 2048, (2, 48))
     with torch.no_grad():
         assert (run.model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-5
-    assert run.model.trace(idx[:, :8]).rows  # the shape trace works on it
+    r = _cli("trace", "--run", "imported", "--depth", "2", "--no-stats", runs_dir=runs_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("imported: 348,480 parameters") and "blocks.1" in r.stdout
+    text = generate(run.model, run.tokenizer, "Once upon a time", 5, temperature=0)
+    assert len(run.tokenizer.encode(text)) >= 1
     result = sft(run.path, shared_data / "chat" / "hh_rlhf_helpful_sft.jsonl", max_steps=5,
                  max_examples=40, batch_size=4, val_fraction=0.0, verbose=False,
                  device="cpu")
@@ -277,3 +281,29 @@ def test_import_refuses_what_minlm_would_compute_differently(tmp_path):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         import_checkpoint(tmp_path, runs_dir=tmp_path / "runs")
+
+
+# --- tracing someone else's model ----------------------------------------------------------
+
+def test_trace_of_a_transformers_model_shows_the_same_shapes_as_minlm():
+    """Notebook 5's last section: minlm's tracer on transformers' Llama built from a config."""
+    from transformers import LlamaForCausalLM
+
+    from minlm import LM
+    from minlm.interop import hf_config
+    from minlm.tracing import trace
+
+    ours = LM.from_preset("llama-1m").eval()
+    theirs = LlamaForCausalLM(hf_config(ours.config)).eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16))
+    with trace(theirs) as t, torch.no_grad():
+        theirs(idx)
+    mine = ours.trace(idx)
+    assert t.rows[0].module == "LlamaForCausalLM" and t.rows[0].params == ours.num_params()
+    pairs = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
+             "self_attn.o_proj": "attn.o_proj", "mlp.gate_proj": "mlp.gate",
+             "mlp.down_proj": "mlp.down", "lm_head": "head"}
+    for hf_path, our_path in pairs.items():
+        hf_rows, our_rows = t.find(hf_path), mine.find(our_path)
+        assert len(hf_rows) == len(our_rows) > 0, hf_path
+        assert [r.out_shapes for r in hf_rows] == [r.out_shapes for r in our_rows], hf_path
