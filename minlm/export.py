@@ -36,6 +36,15 @@ def _fresh_output(out: Path, overwrite: bool) -> None:
                               "choose another path")
 
 
+def _sp_proto(tokenizer):
+    """The parsed sentencepiece model (pieces, scores, types, normaliser) of ``tokenizer``."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.to_bytes())
+    return proto
+
+
 # --- transformers --------------------------------------------------------------------------
 
 def hf_tokenizer(tokenizer):
@@ -46,11 +55,9 @@ def hf_tokenizer(tokenizer):
     specials = {"bos_token": tokenizer.id_to_piece(tokenizer.bos_id),
                 "eos_token": tokenizer.id_to_piece(tokenizer.eos_id)}
     if isinstance(tokenizer, SentencePieceTokenizer):
-        from sentencepiece import sentencepiece_model_pb2
         from transformers import LlamaTokenizer
 
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(tokenizer.to_bytes())
+        proto = _sp_proto(tokenizer)
         specials.update(unk_token=tokenizer.id_to_piece(tokenizer.sp.unk_id()),
                         pad_token=tokenizer.id_to_piece(tokenizer.pad_id))
         with tempfile.TemporaryDirectory() as d:  # the converter reads a folder's tokenizer.model
@@ -183,8 +190,6 @@ def gguf_tensors(model, dtype: str = "f32") -> dict:
 
 def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool = False) -> Path:
     """Write ``run`` as one GGUF file (llama architecture, sentencepiece vocabulary inside)."""
-    from sentencepiece import sentencepiece_model_pb2
-
     from minlm.fileio import atomic_path
     from minlm.tokenizer import SentencePieceTokenizer
 
@@ -202,8 +207,7 @@ def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool
         raise ValueError(f"cannot export {run.name} to GGUF: its tokenizer is a "
                          f"{type(tok).__name__}; GGUF export writes sentencepiece vocabularies")
     _fresh_output(out, overwrite)
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(tok.to_bytes())
+    proto = _sp_proto(tok)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(run.name)

@@ -5,8 +5,8 @@ that race minlm against ``transformers`` on the same weights, ``minlm.export`` (
 ``transformers`` folder or a GGUF file) and ``minlm.hub_import`` (a Hugging Face checkpoint as
 a run). ``transformers`` is an optional dependency, imported only inside functions.
 
-The tables below are the only place where minlm's parameter names meet Hugging Face's: a
-rename in minlm's modules is one edit here, and both directions follow it.
+The tables below are the only place where minlm's parameter names meet Hugging Face's (and,
+through them, GGUF's: ``minlm.export`` maps the Hugging Face names with gguf's own table).
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ import torch
 from minlm.config import ModelConfig
 from minlm.model import LM
 
+# minlm's module paths inside a block, as ``LM.state_dict()`` names them: a rename of a
+# minlm module (say ``attn`` -> ``mixer``) is one edit here, and both directions follow it.
+BLOCK = "blocks.{i}."
+NORM1, NORM2 = BLOCK + "norm1.", BLOCK + "norm2."
+ATTN = BLOCK + "attn."  # q_proj, k_proj, v_proj, o_proj
+MLP = BLOCK + "mlp."  # gate, up, down
+
 # Hugging Face name -> (how, minlm name, ...); "{i}" is the layer. How: "copy"; "t" (GPT-2's
 # Conv1D stores (in, out), minlm's Linear (out, in)); "cat_t" (several minlm weights stacked
 # along the output dimension, then transposed); "cat" (biases stacked).
@@ -23,35 +30,35 @@ LLAMA_NAMES: dict[str, tuple[str, ...]] = {
     "model.embed_tokens.weight": ("copy", "embed.weight"),
     "model.norm.weight": ("copy", "norm.weight"),
     "lm_head.weight": ("copy", "head.weight"),
-    "model.layers.{i}.input_layernorm.weight": ("copy", "blocks.{i}.norm1.weight"),
-    "model.layers.{i}.post_attention_layernorm.weight": ("copy", "blocks.{i}.norm2.weight"),
-    "model.layers.{i}.self_attn.q_proj.weight": ("copy", "blocks.{i}.attn.q_proj.weight"),
-    "model.layers.{i}.self_attn.k_proj.weight": ("copy", "blocks.{i}.attn.k_proj.weight"),
-    "model.layers.{i}.self_attn.v_proj.weight": ("copy", "blocks.{i}.attn.v_proj.weight"),
-    "model.layers.{i}.self_attn.o_proj.weight": ("copy", "blocks.{i}.attn.o_proj.weight"),
-    "model.layers.{i}.mlp.gate_proj.weight": ("copy", "blocks.{i}.mlp.gate.weight"),
-    "model.layers.{i}.mlp.up_proj.weight": ("copy", "blocks.{i}.mlp.up.weight"),
-    "model.layers.{i}.mlp.down_proj.weight": ("copy", "blocks.{i}.mlp.down.weight"),
+    "model.layers.{i}.input_layernorm.weight": ("copy", NORM1 + "weight"),
+    "model.layers.{i}.post_attention_layernorm.weight": ("copy", NORM2 + "weight"),
+    "model.layers.{i}.self_attn.q_proj.weight": ("copy", ATTN + "q_proj.weight"),
+    "model.layers.{i}.self_attn.k_proj.weight": ("copy", ATTN + "k_proj.weight"),
+    "model.layers.{i}.self_attn.v_proj.weight": ("copy", ATTN + "v_proj.weight"),
+    "model.layers.{i}.self_attn.o_proj.weight": ("copy", ATTN + "o_proj.weight"),
+    "model.layers.{i}.mlp.gate_proj.weight": ("copy", MLP + "gate.weight"),
+    "model.layers.{i}.mlp.up_proj.weight": ("copy", MLP + "up.weight"),
+    "model.layers.{i}.mlp.down_proj.weight": ("copy", MLP + "down.weight"),
 }
-_QKV = ("blocks.{i}.attn.q_proj.", "blocks.{i}.attn.k_proj.", "blocks.{i}.attn.v_proj.")
+_QKV = (ATTN + "q_proj.", ATTN + "k_proj.", ATTN + "v_proj.")
 GPT2_NAMES: dict[str, tuple[str, ...]] = {
     "transformer.wte.weight": ("copy", "embed.weight"),
     "transformer.wpe.weight": ("copy", "pos.weight"),
     "transformer.ln_f.weight": ("copy", "norm.weight"),
     "transformer.ln_f.bias": ("copy", "norm.bias"),
     "lm_head.weight": ("copy", "head.weight"),
-    "transformer.h.{i}.ln_1.weight": ("copy", "blocks.{i}.norm1.weight"),
-    "transformer.h.{i}.ln_1.bias": ("copy", "blocks.{i}.norm1.bias"),
-    "transformer.h.{i}.ln_2.weight": ("copy", "blocks.{i}.norm2.weight"),
-    "transformer.h.{i}.ln_2.bias": ("copy", "blocks.{i}.norm2.bias"),
+    "transformer.h.{i}.ln_1.weight": ("copy", NORM1 + "weight"),
+    "transformer.h.{i}.ln_1.bias": ("copy", NORM1 + "bias"),
+    "transformer.h.{i}.ln_2.weight": ("copy", NORM2 + "weight"),
+    "transformer.h.{i}.ln_2.bias": ("copy", NORM2 + "bias"),
     "transformer.h.{i}.attn.c_attn.weight": ("cat_t", *(p + "weight" for p in _QKV)),
     "transformer.h.{i}.attn.c_attn.bias": ("cat", *(p + "bias" for p in _QKV)),
-    "transformer.h.{i}.attn.c_proj.weight": ("t", "blocks.{i}.attn.o_proj.weight"),
-    "transformer.h.{i}.attn.c_proj.bias": ("copy", "blocks.{i}.attn.o_proj.bias"),
-    "transformer.h.{i}.mlp.c_fc.weight": ("t", "blocks.{i}.mlp.up.weight"),
-    "transformer.h.{i}.mlp.c_fc.bias": ("copy", "blocks.{i}.mlp.up.bias"),
-    "transformer.h.{i}.mlp.c_proj.weight": ("t", "blocks.{i}.mlp.down.weight"),
-    "transformer.h.{i}.mlp.c_proj.bias": ("copy", "blocks.{i}.mlp.down.bias"),
+    "transformer.h.{i}.attn.c_proj.weight": ("t", ATTN + "o_proj.weight"),
+    "transformer.h.{i}.attn.c_proj.bias": ("copy", ATTN + "o_proj.bias"),
+    "transformer.h.{i}.mlp.c_fc.weight": ("t", MLP + "up.weight"),
+    "transformer.h.{i}.mlp.c_fc.bias": ("copy", MLP + "up.bias"),
+    "transformer.h.{i}.mlp.c_proj.weight": ("t", MLP + "down.weight"),
+    "transformer.h.{i}.mlp.c_proj.bias": ("copy", MLP + "down.bias"),
 }
 
 # What a config must hold for each family to mean the same network in transformers.

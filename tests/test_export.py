@@ -260,13 +260,24 @@ def test_imported_llama_gives_the_same_logits_then_fine_tunes(tmp_path, shared_d
     assert not torch.equal(tuned.model.embed.weight, run.model.embed.weight)
 
 
-def test_imported_gpt2_gives_the_same_logits(tmp_path):
+def test_imported_gpt2_gives_the_same_logits(tmp_path, monkeypatch):
+    import huggingface_hub
+
     from minlm.hub_import import import_checkpoint
 
     hf = _tiny_gpt2()
     src = _saved_by_transformers(tmp_path / "tiny-gpt2", hf)
-    run = load_run(import_checkpoint(src, runs_dir=tmp_path / "runs"))
-    assert run.name == "tiny-gpt2"
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):  # the Hub, without the network
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    run = load_run(import_checkpoint("hf:someone/tiny-gpt2", runs_dir=tmp_path / "runs"))
+    assert asked["repo_id"] == "someone/tiny-gpt2"
+    assert "*.safetensors" in asked["allow_patterns"] and "*.bin" not in asked["allow_patterns"]
+    assert run.name == "tiny-gpt2" and run.meta["imported_from"] == "hf:someone/tiny-gpt2"
     idx = torch.randint(0, 2048, (2, 48))
     with torch.no_grad():
         assert (run.model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-5
@@ -281,6 +292,8 @@ def test_import_refuses_what_minlm_would_compute_differently(tmp_path):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         import_checkpoint(tmp_path, runs_dir=tmp_path / "runs")
+    with pytest.raises(ValueError, match="a Hub source is hf:owner/name"):
+        import_checkpoint("hf:no-owner", runs_dir=tmp_path / "runs")
 
 
 # --- tracing someone else's model ----------------------------------------------------------
