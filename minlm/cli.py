@@ -422,7 +422,7 @@ def _add_travel_commands(sub) -> None:
     ex.add_argument("run", help="run name under trained_models/ or a run folder path")
     ex.add_argument("--format", default="hf", choices=["hf", "gguf"])
     ex.add_argument("--out", required=True, help="folder (hf) or .gguf file to write")
-    ex.add_argument("--dtype", default="f16", choices=["f32", "f16"],
+    ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],
                     help="GGUF weight type (norms stay f32)")
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ex.set_defaults(func=cmd_export)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 FORMATS = ("hf", "gguf")
-GGUF_DTYPES = ("f32", "f16")
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # q8_0: blocks of 32 int8 weights with one f16 scale
 
 
 def _load(run):
@@ -127,6 +127,8 @@ def export_hf(run, out: str | os.PathLike, overwrite: bool = False) -> Path:
     template = _chat_template(tok)
     if template:
         hf_tok.chat_template = template
+        if run.meta.get("parent"):  # a chat-tuned run: a reply ends at <|end|>, as in minlm
+            hf.generation_config.eos_token_id = [tok.eos_id, tok.chat_tokens["end"]]
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
@@ -158,11 +160,12 @@ def rope_deinterleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out_dim // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, dtype: str = "f32") -> dict:
+def gguf_tensors(model, dtype: str = "f32") -> dict[str, tuple]:
     """GGUF name -> numpy array, as ``export_gguf`` writes them: the ``transformers`` weights
     (``minlm.interop``) under gguf's own name map, q/k rows interleaved for llama.cpp's RoPE,
     2-D weights in ``dtype``, norms in f32 (llama.cpp's convention). The head is written even
-    when tied, so readers that do not tie it load the same model."""
+    when tied, so readers that do not tie it load the same model. Values are (array, raw gguf
+    type or None): q8_0 arrays are already quantised by gguf's own ``quants.quantize``."""
     import numpy as np
 
     from minlm.interop import family_of, to_hf_state_dict
@@ -184,7 +187,13 @@ def gguf_tensors(model, dtype: str = "f32") -> dict:
         elif hf_name.endswith("k_proj.weight"):
             t = rope_interleave(t, cfg.kv_heads)
         arr = t.numpy()
-        out[name] = arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr
+        if arr.ndim == 2 and dtype == "f16":
+            out[name] = (arr.astype(np.float16), None)
+        elif arr.ndim == 2 and dtype == "q8_0" and arr.shape[1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            out[name] = (gguf.quants.quantize(arr, q8), q8)
+        else:  # norms, and rows that do not split into blocks of 32, stay f32
+            out[name] = (arr, None)
     return out
 
 
@@ -211,8 +220,8 @@ def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(run.name)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else
-                        gguf.LlamaFileType.ALL_F32)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.dim)
@@ -237,8 +246,8 @@ def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
-        for name, arr in tensors.items():
-            w.add_tensor(name, arr)
+        for name, (arr, raw_dtype) in tensors.items():
+            w.add_tensor(name, arr, raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

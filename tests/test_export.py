@@ -115,6 +115,25 @@ def test_hf_export_is_the_same_model_in_transformers_alone(exported, name, hf_cl
     assert _until_eos(got["greedy"], tok.eos_id) == _until_eos(mine, tok.eos_id)
 
 
+def test_chat_run_exports_its_template_and_stops_at_end(tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from minlm.chatdata import render_chat
+
+    run = load_run(SHIPPED / "llama-1m-chat")
+    out = export_hf(run, tmp_path / "chat")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Can you tell me a fun fact about dogs?"},
+                {"role": "assistant", "content": "Dogs can smell  very well!\n"},
+                {"role": "user", "content": "Why?"}]
+    theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    assert list(theirs) == render_chat(run.tokenizer, messages, add_generation_prompt=True)
+    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    assert eos == [run.tokenizer.eos_id, run.tokenizer.chat_tokens["end"]]
+
+
 def test_export_refuses_families_without_a_counterpart(tmp_path):
     r = _cli("export", "matmulfree-1m", "--out", str(tmp_path / "mf"))
     assert r.returncode == 2
@@ -156,7 +175,7 @@ def _expected_gguf(model) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in want.items()}
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_round_trip_gives_identical_tensors_and_vocabulary(tmp_path, dtype):
     gguf = pytest.importorskip("gguf")
     run = load_run(SHIPPED / "llama-1m")
@@ -165,13 +184,23 @@ def test_gguf_round_trip_gives_identical_tensors_and_vocabulary(tmp_path, dtype)
     cfg = run.model_config
     heads = {"attn_q": cfg.n_heads, "attn_k": cfg.kv_heads}
     want = _expected_gguf(run.model)
-    got = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    got = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, q8) if t.tensor_type == q8
+                                    else t.data.copy()) for t in reader.tensors}
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
     assert set(got) == set(want)
     for name, w in want.items():
         g = got[name]
         kind = name.split(".")[-2]
         if kind in heads:
             g = rope_deinterleave(g, heads[kind])
+        if dtype == "q8_0" and w.dim() == 2:
+            # each block of 32 is int8 times one f16 scale (max/127): error within half a step
+            assert kinds[name] == q8, name
+            step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 127
+            err = (g - w).reshape(-1, 32).abs()
+            assert (err <= 0.55 * step + 1e-8).all(), name
+            continue
         w = w.half() if dtype == "f16" and w.dim() == 2 else w
         assert g.dtype == w.dtype and torch.equal(g, w), name
     field = lambda key: reader.fields[key].contents()  # noqa: E731
