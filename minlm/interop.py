@@ -77,8 +77,18 @@ FAMILIES = {"llama": ("LlamaForCausalLM", _LLAMA_NEEDS, LLAMA_NAMES),
             "gpt2": ("GPT2LMHeadModel", _GPT2_NEEDS, GPT2_NAMES)}
 
 
+def _setting(cfg: ModelConfig, key: str):
+    """``cfg``'s value of ``key``, with the spelled-out defaults read as the defaults: GPT-2
+    has plain multi-head attention, which ``n_kv_heads=n_heads`` is as much as ``0``."""
+    if key == "n_kv_heads" and cfg.kv_heads == cfg.n_heads:
+        return 0
+    if key == "head_dim" and cfg.head_size * cfg.n_heads == cfg.dim:
+        return 0
+    return getattr(cfg, key)
+
+
 def _require(cfg: ModelConfig, family: str, **expected) -> None:
-    wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
+    wrong = {k: _setting(cfg, k) for k, v in expected.items() if _setting(cfg, k) != v}
     if wrong:
         raise ValueError(f"a {family} model needs {expected}; this config has {wrong}")
 
@@ -88,7 +98,7 @@ def family_of(cfg: ModelConfig) -> str:
     ``cfg``. Otherwise a one-line ``ValueError`` naming the settings with no counterpart."""
     family = "gpt2" if cfg.position == "learned" else "llama"
     hf_class, needs, _ = FAMILIES[family]
-    wrong = {k: getattr(cfg, k) for k, v in needs.items() if getattr(cfg, k) != v}
+    wrong = {k: _setting(cfg, k) for k, v in needs.items() if _setting(cfg, k) != v}
     if wrong:
         have = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
         need = ", ".join(f"{k}={needs[k]!r}" for k in wrong)

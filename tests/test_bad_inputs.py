@@ -73,6 +73,12 @@ def _cases(root):
         (["trace", "--preset", "nope"], r"unknown preset 'nope'"),
         (["search", "dim=32,abc"], r"dim='abc' is invalid: must be an integer"),
         (["search", "widht=32,64"], r"unknown setting 'widht'"),
+        (["export", "nope", "--out", str(root / "exp")], r"no run folder 'nope'"),
+        (["export", "gpt", "--format", "gguf", "--out", str(root / "gpt.gguf")],
+         r"cannot export gpt: n_kv_heads=1 has no counterpart in transformers' GPT2LMHeadModel"),
+        (["import", str(root / "missing")], r"missing is not a folder"),
+        (["import", str(root)], r"has no config\.json; it is not a Hugging Face checkpoint"),
+        (["trace", "--run", "nope"], r"no run folder 'nope'"),
     ]
 
 
