@@ -310,6 +310,15 @@ def test_imported_gpt2_gives_the_same_logits(tmp_path, monkeypatch):
     idx = torch.randint(0, 2048, (2, 48))
     with torch.no_grad():
         assert (run.model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-5
+    # and back out again: an imported run (a tokenizer.json tokenizer) exports like any run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_hf(run, tmp_path / "back")
+    again, again_tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        assert (again(idx).logits - hf(idx).logits).abs().max().item() < 1e-5
+    text = "Tom said, \"Look!  123 dogs.\"\n<|user|>hi<|end|>"
+    assert again_tok(text).input_ids == run.tokenizer.encode(text, bos=True)
 
 
 def test_import_refuses_what_minlm_would_compute_differently(tmp_path):
