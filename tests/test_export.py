@@ -319,6 +319,8 @@ def test_imported_gpt2_gives_the_same_logits(tmp_path, monkeypatch):
         assert (again(idx).logits - hf(idx).logits).abs().max().item() < 1e-5
     text = "Tom said, \"Look!  123 dogs.\"\n<|user|>hi<|end|>"
     assert again_tok(text).input_ids == run.tokenizer.encode(text, bos=True)
+    with pytest.raises(ValueError, match="run 'tiny-gpt2' already exists .* --overwrite"):
+        import_checkpoint(src, runs_dir=tmp_path / "runs")
 
 
 def test_import_refuses_what_minlm_would_compute_differently(tmp_path):
