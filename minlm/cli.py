@@ -295,8 +295,8 @@ def cmd_prepare(args) -> None:
         print(f"  {split}: {m['tokens'][split]:,} tokens, {m['documents'][split]:,} documents, "
               f"{m['bytes'][split]:,} bytes of text, {len(m.get('files', {}).get(split, [1]))} "
               "file(s)")
-    print(f"train on it with: python -m minlm train data={shards.dir} tokenizer=... "
-          f"(the tokenizer it was prepared with)")
+    print(f"train on it with: python -m minlm train data={shards.dir} tokenizer={args.tokenizer} "
+          f"vocab_size={m['vocab_size']}")
 
 
 def add_prepare_parser(sub) -> None:

@@ -1,8 +1,11 @@
 """Text sources -> token shards on disk -> random-window batches.
 
-A corpus is tokenized once into ``train.bin``/``val.bin`` (flat uint16/uint32 arrays, each
-document as BOS + tokens + EOS) plus ``meta.json``, in a cache folder keyed by the data, the
-tokenizer's hash and the options; later calls memory-map them, so a 2 GB corpus costs no RAM.
+A corpus is tokenized once (``minlm.prepare``) into ``train.bin`` (or numbered
+``train-00000.bin``... shards) and ``val.bin`` (flat uint16/uint32 arrays, each document as
+BOS + tokens + EOS) plus ``meta.json``, in a folder keyed by the data, the tokenizer's hash
+and the options; later calls memory-map them, so a 2 GB corpus costs no RAM. Where text
+comes from (files, folders, ``hf:`` datasets) is ``minlm.sources``; here are the named
+corpora and their download, the shard reader and the batches.
 
     shards = prepare("tinystories", load_tokenizer("tinystories-2048"))
     x, y = get_batch(shards.train, batch_size=32, block_size=256, generator=g)   # (B, T) each

@@ -87,18 +87,19 @@ def _encode_chunk(task):
     for _, where, record in items:
         if isinstance(record, str):
             doc = tok.encode(record, bos=True, eos=True)
-            mask = [0] + [1] * (len(doc) - 1)
+            if mode:
+                masks += [0] + [1] * (len(doc) - 1)
             n_bytes.append(len(record.encode("utf-8")))
         else:
             try:
                 ex = chat_example(tok, record, mode or "response")
             except ValueError as e:
                 raise ChatDataError(f"{where}: {e}") from None
-            doc, mask = ex.ids + [tok.eos_id], ex.mask + [0]
+            doc = ex.ids + [tok.eos_id]
+            if mode:
+                masks += ex.mask + [0]
             n_bytes.append(sum(len(m["content"].encode("utf-8")) for m in record))
         ids += doc
-        if mode:
-            masks += mask
         lengths.append(len(doc))
     return (group, np.array([v for v, _, _ in items], bool), ids, masks if mode else None,
             np.array(lengths, np.int64), np.array(n_bytes, np.int64))

@@ -227,6 +227,16 @@ def test_pretraining_on_chat_with_a_response_mask_lowers_the_loss(shared_data, t
     assert last < first - 0.5, (first, last)
 
 
+def test_train_on_a_chat_file_directly(shared_data, tmp_path, monkeypatch):
+    """``train data=...sft.jsonl`` used to fail ("no string 'text' field")."""
+    monkeypatch.setenv("MINLM_CACHE_DIR", str(tmp_path / "cache"))
+    sft = shared_data / "chat" / "hh_rlhf_helpful_sft.jsonl"
+    result = train(tiny(), tiny_train(tmp_path, sft, max_docs=200, max_iters=2, eval_interval=2))
+    assert result.step == 2
+    meta = json.loads((result.run_dir / "train_config.json").read_text())["meta"]["data_meta"]
+    assert meta["documents"]["train"] + meta["documents"]["val"] == 200
+
+
 # --- the Hugging Face loader, offline ------------------------------------------------------
 
 def test_hub_loader_streams_a_local_parquet_offline(tmp_path, tok, monkeypatch):
