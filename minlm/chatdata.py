@@ -159,16 +159,10 @@ def resolve_chat_file(data: str | os.PathLike) -> Path:
 def _raw_items(path: Path, column: str,
                parquet_columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, raw object) for each example; JSON syntax errors name the line."""
+    from minlm.sources import jsonl_rows
+
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, ValueError(f"is not valid JSON ({e.msg} at column {e.colno})")
+        yield from jsonl_rows(path)
     elif path.suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))

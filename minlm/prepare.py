@@ -224,6 +224,13 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
     check_split_by(split_by)
     tokenizer = load_tokenizer(tokenizer)  # a Tokenizer passes through; a path or name loads
     if is_shard_folder(data):
+        given = {k: v for k, v in (("val_fraction", val_fraction), ("max_docs", max_docs),
+                                   ("max_tokens", max_tokens), ("shard_tokens", shard_tokens),
+                                   ("loss_mask", loss_mask), ("text_column", text_column),
+                                   ("split_by", split_by)) if v not in (0, 0.0, None, "text", "auto")}
+        if given:
+            raise ValueError(f"{data} is already prepared, so {given} cannot apply; prepare the "
+                             "source again with them, or drop them")
         return _load_prepared(Path(data), tokenizer, verbose)
     train_src, val_src = resolve_text_files(data, full=full)
     train_src = [HubSource(s.name, hf_config, hf_split) if isinstance(s, HubSource) else s
@@ -290,15 +297,19 @@ def _load_prepared(folder: Path, tokenizer, verbose: bool):
 
 
 def _source_bytes(sets) -> int | None:
-    """Bytes of the source files, for the progress bar's total (None for a Hub source)."""
+    """Bytes of plain-text source files, the progress bar's total; None (no total) for a Hub
+    source or JSON/parquet, whose file bytes are not the text bytes the bar counts."""
+    from minlm.sources import folder_files
+
     total = 0
     for _, sources in sets:
         for s in sources:
             if isinstance(s, HubSource):
                 return None
-            p = Path(s)
-            total += sum(f.stat().st_size for f in (p.rglob("*") if p.is_dir() else [p])
-                         if f.is_file())
+            for f in folder_files(Path(s)) if Path(s).is_dir() else [Path(s)]:
+                if f.suffix in (".jsonl", ".json", ".parquet"):
+                    return None
+                total += f.stat().st_size
     return total
 
 

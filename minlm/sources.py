@@ -149,18 +149,26 @@ def _read_text(path: Path, split_by: str) -> Iterator[tuple[str, Record]]:
             yield f"{path}, line {start}", doc
 
 
-def _read_jsonl(path: Path, text_column: str) -> Iterator[tuple[str, Record]]:
-    _check_text_file(path)
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, object)`` per non-blank line; a line that is not JSON comes as a ValueError
+    object in place of the row, so a caller may skip it (chatdata's skip_invalid) or raise."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}, line {lineno}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield where, to_record(obj, where, text_column)
+                yield where, ValueError(f"is not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_jsonl(path: Path, text_column: str) -> Iterator[tuple[str, Record]]:
+    _check_text_file(path)
+    for where, obj in jsonl_rows(path):
+        if isinstance(obj, ValueError):
+            raise ValueError(f"{where}: {obj}")
+        yield where, to_record(obj, where, text_column)
 
 
 def _is_message(obj: Any) -> bool:

@@ -203,6 +203,10 @@ def test_resume_across_shard_boundaries_is_exact(shared_data, tmp_path, tok):
     assert first.step == 8
     resumed = train(tiny(), cfg.replace(resume=True))
     assert resumed.step == 16
+    with pytest.raises(ValueError, match=r"already prepared, so \{'max_docs': 50\} cannot apply"):
+        train(tiny(), tiny_train(tmp_path / "c", shards.dir, max_docs=50))
+    with pytest.raises(ValueError, match="prepared with tokenizer .* not .*tinystories-1024"):
+        prepare(str(shards.dir), "tinystories-1024", verbose=False)
     a, b = (load_run(r.run_dir).model.state_dict() for r in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
