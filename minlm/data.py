@@ -114,7 +114,7 @@ def _cut_after_last_document(path: Path) -> None:
                 return
 
 
-def resolve_text_files(data: str, full: bool = True) -> tuple[list, list]:
+def resolve_text_files(data: str, full: bool = False) -> tuple[list, list]:
     """(train sources, val sources) for a dataset name, a path or a ``hf:`` id.
 
     ``"tinystories"`` / ``"shakespeare"``: files under ``data_dir()``, downloaded when absent;

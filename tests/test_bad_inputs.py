@@ -73,6 +73,8 @@ def _cases(root):
         (["trace", "--preset", "nope"], r"unknown preset 'nope'"),
         (["search", "dim=32,abc"], r"dim='abc' is invalid: must be an integer"),
         (["search", "widht=32,64"], r"unknown setting 'widht'"),
+        (["prepare", str(root / "empty.txt"), "--tokenizer", "tinystories-512"], r"empty\.txt holds no documents"),
+        (["prepare", str(root), "--tokenizer", "tinystories-512"], r"mixes formats \(\.json e\.g\. .*\.txt e\.g\. "),
     ]
 
 
