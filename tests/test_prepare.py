@@ -153,6 +153,10 @@ def test_one_and_three_shards_give_the_same_stream(shared_data, tmp_path, tok):
         x1, y1 = get_batch(one.train, 8, 64, g1)
         x3, y3 = get_batch(three.train, 8, 64, g3)
         assert torch.equal(x1, x3) and torch.equal(y1, y3)
+    states = [torch.Generator().manual_seed(5) for _ in range(3)]
+    whole = get_batch(three.train, 8, 64, states[0])[0]
+    ranks = [get_batch(three.train, 8, 64, states[r + 1], shard=(r, 2))[0] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), whole)  # DDP ranks: distinct rows of one global batch
     edge = n // 3 + 1
     assert three.train[edge - 2:edge + 2].tolist() == one.train[edge - 2:edge + 2].tolist()
 
