@@ -166,10 +166,6 @@ class _SplitWriter:
             self.files[-1][1] += len(ids[:room])
             ids = ids[room:]
 
-    @property
-    def tokens(self) -> int:
-        return sum(n for _, n in self.files)
-
 
 def _empty_split_advice(data, split, totals, fraction, split_by) -> str:
     docs = totals["train"]["documents"]
@@ -178,8 +174,7 @@ def _empty_split_advice(data, split, totals, fraction, split_by) -> str:
         advice = ("the source reads as one document: with one example per line, pass "
                   "split_by='line' (--split-by line)")
     return (f"the {split} split of {data!r} is empty ({docs} train documents, "
-            f"val_fraction={fraction}); "
-            f"{advice}")
+            f"val_fraction={fraction}); {advice}")
 
 
 def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 0,
@@ -255,6 +250,8 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)  # the folder is untrusted until done
+    for tmp in folder.glob(".*.tmp"):  # temp files of a prepare that was killed
+        tmp.unlink()
     sets = [("train", train_src), ("val", val_src)] if val_src else [(None, train_src)]
     started = time.perf_counter()
     totals, files = _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,

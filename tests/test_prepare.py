@@ -334,5 +334,10 @@ def test_cli_prepare_then_interrupted_prepare_is_not_trusted(shared_data, tmp_pa
     assert not (out / "meta.json").exists()  # the old one went first; the new never landed
     with pytest.raises(FileNotFoundError, match="not a prepared shard folder"):
         Shards.load(out)
+    again = _cli(str(src), "--tokenizer", "tinystories-512", "--out", str(out),
+                 "--max-tokens", "20K", "--workers", "1")
+    assert again.returncode == 0, again.stderr
+    assert Shards.load(out).meta["files"]["train"] == [["train.bin", len(Shards.load(out).train)]]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     missing = _cli(str(tmp_path / "nope.txt"), "--tokenizer", "tinystories-512")
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
