@@ -140,12 +140,12 @@ class ChatData:
 
 
 def resolve_chat_file(data: str | os.PathLike) -> Path:
-    """A chat file by path, by a path under ``$MINLM_DATA_DIR``, or by name
-    (``hh_rlhf_helpful_sft``, ``hh_rlhf_helpful_dpo``)."""
+    """A chat file (or a folder of them) by path, by a path under ``$MINLM_DATA_DIR``, or by
+    name (``hh_rlhf_helpful_sft``, ``hh_rlhf_helpful_dpo``)."""
     from minlm.data import data_dir
 
     p = Path(data)
-    if p.is_file():
+    if p.is_file() or p.is_dir():
         return p
     base = data_dir()
     candidate = base / CHAT_DATASETS.get(str(data), str(data))
@@ -159,16 +159,10 @@ def resolve_chat_file(data: str | os.PathLike) -> Path:
 def _raw_items(path: Path, column: str,
                parquet_columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, raw object) for each example; JSON syntax errors name the line."""
+    from minlm.sources import jsonl_rows
+
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, ValueError(f"is not valid JSON ({e.msg} at column {e.colno})")
+        yield from jsonl_rows(path)
     elif path.suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
@@ -177,6 +171,9 @@ def _raw_items(path: Path, column: str,
         if isinstance(obj, dict) and isinstance(obj.get(column), list) and obj[column] \
                 and isinstance(obj[column][0], dict) and "role" in obj[column][0]:
             obj = [obj]  # one conversation
+        if isinstance(obj, list) and obj and all(isinstance(m, dict) and "role" in m and column
+                                                 not in m for m in obj):
+            obj = [obj]  # a flat list of messages: one conversation
         if not isinstance(obj, list):
             raise ChatDataError(f"{path}: expected a list of conversations, found a "
                                 f"{type(obj).__name__}")
@@ -208,9 +205,13 @@ def _raw_items(path: Path, column: str,
 
 def _read(path, check, column: str, skip_invalid: bool, limit: int,
           parquet_columns: Sequence[str] | None = None) -> ChatData:
+    from minlm.sources import folder_files
+
     path = resolve_chat_file(path)
     out = ChatData([], path=path)
-    for where, item in _raw_items(path, column, parquet_columns):
+    files = folder_files(path) if path.is_dir() else [path]
+    items = (it for f in files for it in _raw_items(f, column, parquet_columns))
+    for where, item in items:
         if limit and len(out.examples) >= limit:
             break
         try:
@@ -232,8 +233,9 @@ def _read(path, check, column: str, skip_invalid: bool, limit: int,
 
 def read_conversations(path: str | os.PathLike, column: str = "messages",
                        skip_invalid: bool = False, limit: int = 0) -> ChatData:
-    """Conversations from a .jsonl (one per line), .json (a list) or .parquet (``column``)
-    file; each example is a list of messages or an object with them under ``column``.
+    """Conversations from a .jsonl (one per line), .json (a list, or one flat list of
+    messages) or .parquet (``column``) file, or a folder of such files (one format); each
+    example is a list of messages or an object with them under ``column``.
 
     A malformed example raises ``ChatDataError`` naming the file and line (item, row);
     ``skip_invalid=True`` skips it instead and counts it in ``.skipped``."""

@@ -290,6 +290,72 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> 
     p.add_argument("--device", default="cpu")
 
 
+def _count(text: str) -> int:
+    """``50000``, ``50K``, ``20M`` or ``1G`` as an int (argparse type for token counts)."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 50000, 50K, 20M or "
+                                         "1G") from None
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 0")
+    return int(value)
+
+
+def cmd_prepare(args) -> None:
+    from minlm.prepare import prepare
+
+    shards = prepare(args.source, args.tokenizer, val_fraction=args.val_fraction,
+                     num_workers=args.workers, max_docs=0, out_dir=args.out,
+                     max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+                     text_column=args.text_column, split_by=args.split_by,
+                     loss_mask=args.loss_mask, hf_config=args.config, hf_split=args.split,
+                     full=args.full)
+    m = shards.meta
+    print(f"prepared {shards.dir}")
+    for split in ("train", "val"):
+        print(f"  {split}: {m['tokens'][split]:,} tokens, {m['documents'][split]:,} documents, "
+              f"{m['bytes'][split]:,} bytes of text, {len(m.get('files', {}).get(split, [1]))} "
+              "file(s)")
+    print(f"train on it with: python -m minlm train data={shards.dir} tokenizer={args.tokenizer} "
+          f"vocab_size={m['vocab_size']}")
+
+
+def add_prepare_parser(sub) -> None:
+    from minlm.chatdata import MODES
+    from minlm.sources import SPLIT_BY
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into the shard folder training reads",
+                       description="Read a text file, a folder, JSON/JSONL/parquet (a text "
+                       "column or chat messages) or a Hugging Face dataset (hf:<id>, streamed) "
+                       "and write token shards; train with data=<the folder it prints>.")
+    p.add_argument("source", help="tinystories, shakespeare, a file, a folder, or hf:<dataset id>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer name (e.g. tinystories-4096) or path to a tokenizer file")
+    p.add_argument("--out", default=None, help="output folder (default: a cache folder keyed "
+                   "by source, tokenizer and options; $MINLM_CACHE_DIR)")
+    p.add_argument("--max-tokens", type=_count, default=0,
+                   help="stop after the document that reaches this many tokens (50M, 1G; 0: all)")
+    p.add_argument("--shard-tokens", type=_count, default=0,
+                   help="cut train into numbered shard files of this many tokens (0: one file)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="held-out share of documents when the source has no val file (0: 0.05)")
+    p.add_argument("--text-column", default="text", help="field/column holding the text")
+    p.add_argument("--split-by", choices=SPLIT_BY, default="auto",
+                   help="how a text file splits into documents (auto: <|endoftext|> lines, "
+                   "else blank lines)")
+    p.add_argument("--loss-mask", choices=MODES, default=None,
+                   help="for chat data: store which tokens are targets (pretraining then "
+                   "trains only those)")
+    p.add_argument("--config", default=None, help="Hugging Face dataset config (hf: sources)")
+    p.add_argument("--split", default="train", help="Hugging Face dataset split (hf: sources)")
+    p.add_argument("--full", action="store_true",
+                   help="download a named corpus whole (default: its first 100 MB)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: all cores)")
+    p.set_defaults(func=cmd_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minlm", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -390,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--skip-invalid", action="store_true",
                     help="skip malformed examples (and report how many) instead of failing")
     cv.set_defaults(func=cmd_convert)
+    add_prepare_parser(sub)
 
     common = ("epochs, max_steps, batch_size, lr, warmup_iters, val_fraction, eval_interval, "
               "patience, max_examples, skip_invalid, lora_rank, lora_alpha, lora_targets, "

@@ -79,6 +79,8 @@ def _cases(root):
         (["import", str(root / "missing")], r"missing is not a folder"),
         (["import", str(root)], r"has no config\.json; it is not a Hugging Face checkpoint"),
         (["trace", "--run", "nope"], r"no run folder 'nope'"),
+        (["prepare", str(root / "empty.txt"), "--tokenizer", "tinystories-512"], r"empty\.txt holds no documents"),
+        (["prepare", str(root), "--tokenizer", "tinystories-512"], r"mixes formats \(\.json e\.g\. .*\.txt e\.g\. "),
     ]
 
 
