@@ -50,6 +50,9 @@ def data_dir() -> Path:
     """``$MINLM_DATA_DIR``, else ``./data`` if present, else ``~/.cache/minlm/data`` (created)."""
     env = os.environ.get("MINLM_DATA_DIR")
     if env:
+        if Path(env).expanduser().is_file():  # else a missing dataset would be downloaded
+            raise NotADirectoryError(f"MINLM_DATA_DIR={env} is a file; point it at the folder "
+                                     "that holds the datasets (e.g. tinystories/train.txt)")
         return Path(env).expanduser()
     if Path("data").is_dir():
         return Path("data")
@@ -124,6 +127,9 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     try:
         for doc in reader(path):
             n += 1
+            if "\x00" in doc:  # _check_text reads only the head of the file
+                raise ValueError(f"{path} is not a UTF-8 text file (document {n} holds NUL "
+                                 "bytes: binary data?)")
             yield doc
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a UTF-8 text file ({e})") from e
@@ -308,6 +314,17 @@ def _tasks(train_files, val_files, fraction, max_docs, chunk_docs=256):
             yield split, docs
 
 
+def _split_advice(documents: int, max_docs: int) -> str:
+    """What would give both splits documents: advice that can help with this data."""
+    if max_docs and documents >= max_docs:
+        return "raise max_docs or val_fraction"
+    if documents >= 2:
+        return f"raise val_fraction to at least {1 / documents:.3g}"
+    return (f"{documents} document cannot be split into train and validation; add documents "
+            "(a text file splits at blank lines or <|endoftext|> lines), or give a folder "
+            "holding train.txt and valid.txt")
+
+
 def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 0,
             max_docs: int = 0, cache_dir: str | os.PathLike | None = None,
             verbose: bool = True) -> Shards:
@@ -367,7 +384,8 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
             if t["tokens"] == 0:
                 raise ValueError(
                     f"the {split} split of {data!r} is empty ({totals['train']['documents']} "
-                    f"train documents, val_fraction={fraction}); raise max_docs or val_fraction")
+                    f"train documents, val_fraction={fraction}); "
+                    + _split_advice(sum(v["documents"] for v in totals.values()), max_docs))
     meta = {"key": key, "source": data, "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "bos_eos": True,
             "split_by": "val file" if val_files else f"fraction {fraction}",

@@ -36,8 +36,36 @@ def world(tmp_path_factory):
     (runs / "bad-json" / "model_config.json").write_text("{not json")
     (root / "empty.txt").write_text("")
     (root / "binary.txt").write_bytes(bytes(range(256)) * 10)
+    _issue17_world(root)
     yield root
     mp.undo()
+
+
+def _issue17_world(root):
+    """Broken runs and files for the cases of issue 17."""
+    import json
+
+    runs = root / "runs"
+    shutil.copytree(runs / "good", runs / "mismatch")  # config edited after training
+    cfg = json.loads((runs / "mismatch" / "model_config.json").read_text())
+    (runs / "mismatch" / "model_config.json").write_text(json.dumps({**cfg, "dim": 48}))
+    shutil.copytree(runs / "good", runs / "torn-train")
+    (runs / "torn-train" / "train_config.json").write_text('{"run_name": "torn-tr')
+    shutil.copytree(runs / "good", runs / "list-train")
+    (runs / "list-train" / "train_config.json").write_text("[1, 2]")
+    (runs / "not-a-run").mkdir()  # holds a model_config.json, but it is someone's folder
+    shutil.copy(runs / "good" / "model_config.json", runs / "not-a-run")
+    (runs / "not-a-run" / "precious.txt").write_text("keep me")
+    chat = [{"messages": [{"role": "user", "content": f"What colour is the {t}?"},
+                          {"role": "assistant", "content": f"The {t} is {c}."}]}
+            for t, c in [("sky", "blue"), ("grass", "green"), ("sun", "yellow")] * 4]
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
+    users = [{"messages": [m for m in c["messages"] if m["role"] == "user"]} for c in chat]
+    (root / "allusers.jsonl").write_text("".join(json.dumps(c) + "\n" for c in users))
+    (root / "one.txt").write_text("Once upon a time there was one story and no other.\n")
+    story = "Once upon a time a cat sat on a mat and looked at the sun.\n\n"
+    (root / "nul.txt").write_text(story * (70_000 // len(story)) + "A bad\x00document.\n")
+    (root / "datafile.txt").write_text(story)
 
 
 def _cases(root):
@@ -73,22 +101,100 @@ def _cases(root):
         (["trace", "--preset", "nope"], r"unknown preset 'nope'"),
         (["search", "dim=32,abc"], r"dim='abc' is invalid: must be an integer"),
         (["search", "widht=32,64"], r"unknown setting 'widht'"),
+        *_issue17_cases(root),
     ]
 
 
-def test_at_least_25_bad_inputs_each_get_a_clear_error(world, capsys):
+def _issue17_cases(root):
+    """Issue 17: (argv, message, env) of each case; every one exits 2 and writes nothing."""
+    out, chat = f"out_dir={root / 'runs'}", str(root / "chat.jsonl")
+    search = ["search", "--preset", "llama-0.5m", out, "dim=32,64"]
+    cases = [
+        # 17.1: every name that becomes a folder goes through TrainConfig's run_name check
+        (["sft", "good", "--data", chat, "run_name=../../esc-sft"],
+         r"run_name='\.\./\.\./esc-sft' is invalid: must be a plain folder name"),
+        (["sft", "good", "--data", chat, f"run_name={root / 'abs-sft'}"],
+         r"run_name='/.*abs-sft' is invalid: must be a plain folder name"),
+        (["dpo", "good", "run_name=.."], r"run_name='\.\.' is invalid: must be a plain folder"),
+        ([*search, "--name", "../../esc-search"],
+         r"--name='\.\./\.\./esc-search' is invalid: must be a plain folder name"),
+        ([*search, "--name", str(root / "abs-search")], r"--name='/.*abs-search' is invalid"),
+        (["train", out, f"run_name={root / 'abs-train'}"], r"run_name='/.*abs-train' is invalid"),
+        (["sft", "good", "--data", chat, "run_name=not-a-run", "overwrite=true", "device=cpu"],
+         r"refusing to overwrite .*not-a-run: it does not look like a run folder"),
+        # 17.3
+        (["train", out, "run_name=nope", "resume=true"],
+         r"cannot resume 'nope': there is no run of that name in .*runs; runs there: .*good"),
+        # 17.8: an existing run is refused before the corpus is read (here: a missing one)
+        (["train", *TINY, out, "run_name=good", f"data={root / 'missing.txt'}"],
+         r"run 'good' already exists"),
+        # 17.7
+        (["generate", "mismatch", "Once"],
+         r"cannot load weights from .*mismatch.*: model_config\.json does not match the weights "
+         r"\(shapes differ: embed.*file \[512, 32\], config \[512, 48\]"),
+        (["generate", "torn-train", "Once"],
+         r"torn-train/train_config\.json: config JSON is not valid \(.*\); the file is torn"),
+        (["generate", "list-train", "Once"],
+         r"list-train/train_config\.json: config JSON is not valid: it holds a list"),
+        (["generate", "good", "bad \udcff prompt"],
+         r"the text is not valid UTF-8 \(undecodable bytes at character 4"),
+        (["train", "hidden_mult=nan"], r"hidden_mult=nan is invalid: must be a finite number"),
+        (["train", "lr=inf"], r"lr=inf is invalid: must be a finite number"),
+        (["train", "norm_eps=nan"], r"norm_eps=nan is invalid: must be a finite number"),
+        (["train", *TINY, out, "run_name=x7"],
+         r"MINLM_DATA_DIR=.*datafile\.txt is a file; point it at the folder",
+         {"MINLM_DATA_DIR": str(root / "datafile.txt")}),
+        (["train", *TINY, out, "run_name=x8", f"data={root / 'one.txt'}"],
+         r"1 document cannot be split into train and validation; add documents"),
+        (["sft", "good", "--data", str(root / "allusers.jsonl"), "device=cpu"],
+         r"no conversation has a turn to learn from"),
+        # 17.9
+        (["train", *TINY, out, "run_name=x9", "max_docs=0", f"data={root / 'nul.txt'}"],
+         r"nul\.txt is not a UTF-8 text file \(document \d+ holds NUL bytes"),
+        (["train", "max_minutes=nan"], r"max_minutes=nan is invalid: must be a finite number"),
+        (["train", "grad_clip=nan"], r"grad_clip=nan is invalid: must be a finite number"),
+        (["convert", chat, str(root / "new-folder" / "out.txt")],
+         r"cannot write .*out\.txt: use a \.jsonl, \.json or \.parquet name"),
+        (["generate", "good", "Once", "--top-p", "2"], r"top_p=2\.0 is invalid"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "good", "Once", "--device", "cuda"],
+                      r"device='cuda' is invalid: no CUDA device is available"))
+    return cases
+
+
+def _tree(root):
+    """Every file and folder under ``root`` (the tokenization cache aside) with its size and
+    modification time: what an error must leave exactly as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if "cache" not in p.relative_to(root).parts}
+
+
+def test_at_least_25_bad_inputs_each_get_a_clear_error(world, capsys, monkeypatch):
+    """Each case: exit code 2, one ``error:`` line matching, no traceback, nothing printed on
+    stdout, and no file or folder written, changed or deleted anywhere (nor outside)."""
+    import re
+
     cases = _cases(world)
-    assert len(cases) >= 25
-    for argv, message in cases:
-        code = main(argv)
-        err = capsys.readouterr().err
-        assert code != 0, argv
+    assert len(cases) >= 50
+    for argv, message, *env in cases:
+        before = _tree(world)
+        with monkeypatch.context() as m:
+            for k, v in (env[0] if env else {}).items():
+                m.setenv(k, v)
+            code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, (" ".join(argv), code, err)
         assert "Traceback" not in err, (argv, err)
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1, (argv, err)
-        import re
-
         assert re.search(message, lines[0]), (argv, lines[0])
+        if argv[0] != "train":  # train may print its progress before a late error
+            assert out == "", (argv, out)
+        assert _tree(world) == before, argv
+    for escaped in ("esc-sft", "esc-search"):
+        assert not (world.parent / escaped).exists()
+    assert (world / "runs" / "not-a-run" / "precious.txt").read_text() == "keep me"
 
 
 def test_a_real_process_exits_non_zero_without_traceback():
