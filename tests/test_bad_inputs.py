@@ -219,6 +219,135 @@ def test_checkpoint_with_pickled_code_is_refused(world, capsys):
     run = world / "runs" / "evil"
     run.mkdir()
     torch.save({"step": 1, "payload": Boom()}, run / "checkpoint-00000001.pt")
-    with pytest.raises(RunError, match="no readable checkpoint"):
+    with pytest.raises(RunError, match="no readable checkpoint") as e:
         load_checkpoint(run, log=lambda *_: None)
+    assert "loading them could run code" in str(e.value)
+    assert "weights_only" not in str(e.value)  # torch's advice is the unsafe step
     assert "this code ran" not in capsys.readouterr().out
+
+
+# --- issue 17, as a person meets it: real processes, real signals, a real file size limit ---
+
+def _env(root, **extra):
+    import os
+
+    return {**os.environ, "MINLM_RUNS_DIR": str(root / "runs"), "MINLM_CACHE_DIR":
+            str(root / "cache"), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _minlm(root, *args, module="minlm", **kw):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          env=_env(root), timeout=300, **kw)
+
+
+def test_real_processes_refuse_bad_arguments_in_one_line(world):
+    p = _minlm(world, "eval", "good", "--data", str(world / "one.txt"), "--max-docs", "-1")
+    assert p.returncode == 2 and b"argument --max-docs: -1 is invalid: must be >= 0" in p.stderr
+    assert b"Traceback" not in p.stderr
+    p = _minlm(world, "generate", "good", b"Once \xff\xfe upon")  # bytes that are not UTF-8
+    assert p.returncode == 2 and p.stdout == b""
+    assert p.stderr.startswith(b"error: the text is not valid UTF-8"), p.stderr
+    p = _minlm(world, "measure", str(world / "missing.txt"), "tinystories-512",
+               module="minlm.tokenizer")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.decode() == f"error: data file {world / 'missing.txt'} does not exist\n"
+    p = _minlm(world, "--debug", "measure", "nope.txt", "tinystories-512", module="minlm.tokenizer")
+    assert p.returncode != 0 and b"Traceback" in p.stderr
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(world):
+    p = _minlm(world, "chat", "good", "--max-new-tokens", "4", "--seed", "0",
+               input=b"bad \xff\xfe line\nhello\n/quit\n")
+    assert p.returncode == 0, p.stderr
+    assert b"error: that message is not valid UTF-8" in p.stderr and b"not sent" in p.stderr
+    assert p.stdout.count(b"assistant> ") == 1  # the good line was answered
+    assert b"Traceback" not in p.stderr
+
+
+def test_search_where_every_candidate_is_skipped_exits_1(world):
+    p = _minlm(world, "search", *TINY, f"out_dir={world / 'runs'}", "--name", "all-skipped",
+               "dim=32,64", "--max-params", "10", "--rungs", "1")
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.decode().strip().splitlines()[-1] == (
+        "error: no candidate trained: all 2 were skipped or failed (reasons in the table above)")
+
+
+def test_the_result_line_is_printed_once(world):
+    p = _minlm(world, "train", *TINY, f"out_dir={world / 'runs'}", "run_name=once",
+               "verbose=true")
+    assert p.returncode == 0, p.stderr
+    said = [line for line in p.stdout.decode().splitlines()
+            if line.startswith(f"run {world / 'runs' / 'once'}: step 2,")]
+    assert len(said) == 1, p.stdout
+
+
+def test_ctrl_c_saves_exits_130_and_says_how_to_resume(world):
+    import json
+    import signal
+    import time
+
+    run = world / "runs" / "sigint"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minlm", "train", *TINY, f"out_dir={world / 'runs'}",
+         "run_name=sigint", "max_iters=100000", "log_interval=1", "eval_interval=100000",
+         "checkpoint_interval=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=_env(world))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (run / "log.csv").exists() and len((run / "log.csv").read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = json.loads((run / "train_config.json").read_text())["meta"]["status"]
+    assert step.startswith("stopped at step ") and step.endswith("interrupted (Ctrl-C)")
+    n = int(step.split()[3].rstrip(":"))
+    assert (f"stopped at step {n}: interrupted (Ctrl-C); the state saved is in {run}; continue "
+            f"it with: python -m minlm train run_name=sigint out_dir={run.parent} resume=true"
+            in err.decode()), err
+    assert (run / f"checkpoint-{n:08d}.pt").exists() and b"Traceback" not in err
+    p = _minlm(world, "train", f"out_dir={run.parent}", "run_name=sigint", "resume=true",
+               f"max_iters={n + 1}")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((run / "train_config.json").read_text())["meta"]["status"] == "finished"
+
+
+def test_a_checkpoint_that_does_not_fit_fails_clearly_and_leaves_no_torn_file(world):
+    import resource
+
+    def limit_file_size():  # what ``ulimit -f`` does; SIGXFSZ is ignored by Python itself
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    run = world / "runs" / "full-disk"
+    p = subprocess.run([sys.executable, "-m", "minlm", "train", *TINY,
+                        f"out_dir={world / 'runs'}", "run_name=full-disk"], capture_output=True,
+                       env=_env(world), timeout=300, preexec_fn=limit_file_size)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.decode().startswith(
+        f"error: could not write the checkpoint {run / 'checkpoint-00000002.pt'}: the file "
+        "size limit was reached (ulimit -f: 150,000 bytes;"), p.stderr
+    assert b"inline_container" not in p.stderr and b"Traceback" not in p.stderr
+    assert not list(run.glob("checkpoint-*")) and not list(run.glob(".*.tmp"))
+
+
+def test_sft_accepts_the_skip_invalid_flag_its_errors_suggest(world, capsys):
+    import json
+
+    bad = world / "bad-chat.jsonl"
+    bad.write_text((world / "chat.jsonl").read_text() + '{"messages": [{"role": "user"}]}\n')
+    argv = ["sft", "good", "--data", str(bad), "run_name=skipped", "max_steps=1",
+            "verbose=false", "device=cpu"]
+    assert main(argv) == 2
+    assert "--skip-invalid" in capsys.readouterr().err
+    assert main([*argv, "--skip-invalid"]) == 0
+    meta = json.loads((world / "runs" / "skipped" / "train_config.json").read_text())["meta"]
+    assert meta["data_meta"]["skipped_malformed"] == 1
+
+
+def test_every_file_of_a_run_has_the_same_permissions(world):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (world / "runs" / "good").iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
