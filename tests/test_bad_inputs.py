@@ -351,3 +351,36 @@ def test_every_file_of_a_run_has_the_same_permissions(world):
     os.umask(mask)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (world / "runs" / "good").iterdir()}
     assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+def test_ctrl_c_during_sft_saves_and_exits_130(world):
+    import json
+    import signal
+    import threading
+    import time
+
+    run = world / "runs" / "sft-sigint"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minlm", "sft", "good", "--data", str(world / "chat.jsonl"),
+         "run_name=sft-sigint", "epochs=3000", "val_fraction=0", "device=cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(world))
+    seen = []  # the progress bar (stderr) shows that the loop has started
+
+    def read():
+        while chunk := proc.stderr.read1(4096):
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and b"step/s" not in b"".join(seen):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = b"".join(seen).decode()
+    assert proc.returncode == 130, err[-2000:]
+    status = json.loads((run / "train_config.json").read_text())["meta"]["status"]
+    assert status.startswith("stopped at step ") and status.endswith("interrupted (Ctrl-C)")
+    assert "interrupted (Ctrl-C); the state saved is in" in err and "Traceback" not in err
+    assert (run / "model.safetensors").exists()
