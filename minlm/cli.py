@@ -54,12 +54,16 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from minlm.config import ModelConfig, TrainConfig
-    from minlm.runs import read_configs
+    from minlm.config import ConfigError, ModelConfig, TrainConfig
+    from minlm.runs import read_configs, run_names
     from minlm.train import train
 
     model_items, train_items = split_overrides(args.overrides)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
+    if train_cfg.resume and not train_cfg.run_name:
+        there = ", ".join(run_names(train_cfg.out_dir)) or "none"
+        raise ConfigError(f"resume=true needs run_name=<the run to continue>; runs in "
+                          f"{train_cfg.out_dir}: {there}")
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
         model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved

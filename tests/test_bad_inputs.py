@@ -125,6 +125,8 @@ def _issue17_cases(root):
         # 17.3
         (["train", out, "run_name=nope", "resume=true"],
          r"cannot resume 'nope': there is no run of that name in .*runs; runs there: .*good"),
+        (["train", out, "resume=true"],
+         r"resume=true needs run_name=<the run to continue>; runs in .*runs: .*good"),
         # 17.8: an existing run is refused before the corpus is read (here: a missing one)
         (["train", *TINY, out, "run_name=good", f"data={root / 'missing.txt'}"],
          r"run 'good' already exists"),
