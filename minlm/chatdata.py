@@ -254,6 +254,8 @@ def write_conversations(conversations: Iterable[list[dict]], path: str | os.Path
     from minlm.fileio import atomic_path
 
     path = Path(path)
+    if path.suffix not in (".jsonl", ".json", ".parquet"):  # before any folder is created
+        raise ChatDataError(f"cannot write {path}: use a .jsonl, .json or .parquet name")
     convs = [list(c) for c in conversations]
     with atomic_path(path) as tmp:
         if path.suffix == ".jsonl":

@@ -6,6 +6,7 @@ Errors from bad input print one line and exit non-zero; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -59,15 +60,19 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model_items, train_items
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from pathlib import Path
 
-    from minlm.config import ModelConfig, TrainConfig
-    from minlm.runs import read_configs
+    from minlm.config import ConfigError, ModelConfig, TrainConfig
+    from minlm.runs import read_configs, run_names
     from minlm.train import train
 
     model_items, train_items = split_overrides(args.overrides)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
+    if train_cfg.resume and not train_cfg.run_name:
+        there = ", ".join(run_names(train_cfg.out_dir)) or "none"
+        raise ConfigError(f"resume=true needs run_name=<the run to continue>; runs in "
+                          f"{train_cfg.out_dir}: {there}")
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
         model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved
@@ -77,17 +82,36 @@ def cmd_train(args) -> None:
         model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
     result = train(model_cfg, train_cfg)
-    print(result)
+    return _report_result(result, train_cfg.verbose,
+                          f"continue it with: python -m minlm train run_name={result.run_dir.name} "
+                          f"out_dir={result.run_dir.parent} resume=true")
 
 
-def cmd_search(args) -> None:
+def _report_result(result, verbose: bool, resume_hint: str) -> int:
+    """Print the result line once (the run already said it when verbose; under torchrun only
+    rank 0 speaks) and turn why the run stopped into the exit code: 0 finished (or a planned
+    end: time budget, early stop), 130 Ctrl-C, 143 SIGTERM, 1 any other stop."""
+    if not verbose and os.environ.get("RANK", "0") == "0":
+        print(result)
+    why = result.stopped
+    if not why or "time budget" in why or why.startswith("early stop"):
+        return 0
+    code = 130 if "interrupt" in why else 143 if "SIGTERM" in why or "terminated" in why else 1
+    print(f"{'stopped' if code != 1 else 'error: the run stopped'} at step {result.step}: {why}; "
+          f"the state saved is in {result.run_dir}" + (f"; {resume_hint}" if resume_hint else ""),
+          file=sys.stderr)
+    return code
+
+
+def cmd_search(args) -> int:
     from pathlib import Path
 
     import pandas as pd
 
-    from minlm.config import ModelConfig, TrainConfig
+    from minlm.config import ModelConfig, TrainConfig, check_folder_name
     from minlm.search import grid, search
 
+    check_folder_name("--name", args.name)  # before any work; search() checks it too
     fixed, axes = [], {}  # key=a,b,c is an axis of the grid; key=a a fixed setting
     for item in args.overrides:
         value = item.partition("=")[2]
@@ -118,9 +142,13 @@ def cmd_search(args) -> None:
         print(table[shown].to_string(index=False))
     best = result.best
     print(f"wrote {out / 'results.csv'} and {out / 'results.png'}")
-    if best is not None:
-        print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
-              f"{best.run_dir}")
+    if best is None:
+        print(f"error: no candidate trained: all {len(table)} were skipped or failed (reasons "
+              "in the table above)", file=sys.stderr)
+        return 1
+    print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
+          f"{best.run_dir}")
+    return 0
 
 
 def _sampling(args) -> dict:
@@ -149,9 +177,10 @@ def cmd_generate(args) -> None:
     run = load_run(args.run, device=args.device)
     sampling = _sampling(args)
     if len(args.prompts) == 1 and not args.show_tokens:  # one prompt: stream it as it comes
-        print(args.prompts[0], end="", flush=True)
-        for piece in stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
-                            stop=args.stop, use_cache=not args.no_cache, **sampling):
+        pieces = stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
+                        stop=args.stop, use_cache=not args.no_cache, **sampling)
+        print(args.prompts[0], end="", flush=True)  # after the arguments were checked
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return
@@ -170,6 +199,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from minlm.generate import Chat
     from minlm.runs import load_run
+    from minlm.tokenizer import check_text
 
     run = load_run(args.run, device=args.device)
     chat = Chat(run.model, run.tokenizer, system=args.system,
@@ -180,10 +210,15 @@ def cmd_chat(args) -> None:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = _read_line()
         if not line:  # end of input
             break
         message = line.strip()
+        try:
+            check_text(message, "that message")
+        except ValueError as e:  # reject this line, keep the session
+            print(f"error: {e}; not sent", file=sys.stderr)
+            continue
         if message == "/quit":
             break
         if message == "/reset":
@@ -198,6 +233,15 @@ def cmd_chat(args) -> None:
             print()
         except ValueError as e:  # e.g. a message too long for the context: say so, go on
             print(f"\nerror: {e}", file=sys.stderr)
+
+
+def _read_line() -> str:
+    """One line of stdin; bytes that are not UTF-8 become lone surrogates (for check_text to
+    refuse) instead of ending the session with a UnicodeDecodeError."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, notebooks)
+        return sys.stdin.readline()
+    return raw.readline().decode("utf-8", errors="surrogateescape")
 
 
 def cmd_eval(args) -> None:
@@ -245,7 +289,7 @@ def cmd_convert(args) -> None:
     print(f"wrote {len(data)} conversations to {args.dest}{skipped}")
 
 
-def _finetune(args, kind: str) -> None:
+def _finetune(args, kind: str) -> int:
     from minlm import finetune
 
     cls, fn = (finetune.SFTConfig, finetune.sft) if kind == "sft" else (finetune.DPOConfig,
@@ -253,15 +297,17 @@ def _finetune(args, kind: str) -> None:
     cfg = cls().with_overrides(args.overrides)
     if args.data:
         cfg = cfg.replace(data=args.data)
-    print(fn(args.run, config=cfg))
+    if args.skip_invalid:
+        cfg = cfg.replace(skip_invalid=True)
+    return _report_result(fn(args.run, config=cfg), cfg.verbose, "")
 
 
-def cmd_sft(args) -> None:
-    _finetune(args, "sft")
+def cmd_sft(args) -> int:
+    return _finetune(args, "sft")
 
 
-def cmd_dpo(args) -> None:
-    _finetune(args, "dpo")
+def cmd_dpo(args) -> int:
+    return _finetune(args, "dpo")
 
 
 def cmd_export(args) -> None:
@@ -354,6 +400,17 @@ def add_prepare_parser(sub) -> None:
                    help="download a named corpus whole (default: its first 100 MB)")
     p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: all cores)")
     p.set_defaults(func=cmd_prepare)
+def _at_least(least: int):
+    """An argparse type: an integer >= ``least``, refused with the option's usage otherwise."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {least}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run name under trained_models/ or a run folder path")
     e.add_argument("--data", required=True,
                    help="held-out text file (.txt, .jsonl, .json or .parquet)")
-    e.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    e.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
+    e.add_argument("--batch-size", type=_at_least(1), default=16, help="windows per forward pass")
+    e.add_argument("--max-docs", type=_at_least(0), default=0,
+                   help="only the first N documents (0: all)")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
 
@@ -474,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--data", default=None,
                        help=f"chat data: a .jsonl/.json/.parquet file or a name under "
                        f"$MINLM_DATA_DIR (default {default})")
+        f.add_argument("--skip-invalid", action="store_true",
+                       help="skip malformed examples (and report how many); same as "
+                       "skip_invalid=true")
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
@@ -510,20 +571,26 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    return report_errors(lambda: args.func(args), args.debug)
+
+
+def report_errors(fn, debug: bool = False) -> int:
+    """Run a command: its own exit code (0 if it returns none); bad input one ``error:`` line
+    and 2; anything unexpected one line and 1; Ctrl-C 130. ``debug`` re-raises instead."""
     try:
-        args.func(args)
+        code = fn()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
-        if args.debug:
+        if debug:
             raise
         print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
-    return 0
+    return code or 0

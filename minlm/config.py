@@ -158,6 +158,8 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(name, value, "must be a number")
+        if not math.isfinite(value):  # nan slips through every ``<``/``>`` range check below
+            _fail(name, value, "must be a finite number")
     elif tp is str:
         if not isinstance(value, str):
             _fail(name, value, "must be a string")
@@ -444,8 +446,18 @@ class TrainConfig(_Serialisable):
             _fail("val_fraction", self.val_fraction, "must be in [0, 1)")
         if self.resume and self.overwrite:
             raise ConfigError("resume=True and overwrite=True contradict each other; pick one")
-        if self.run_name and (os.sep in self.run_name or self.run_name in (".", "..")):
-            _fail("run_name", self.run_name, "must be a plain folder name without path separators")
+        check_folder_name("run_name", self.run_name)
+
+
+def check_folder_name(name: str, value: str) -> None:
+    """The one check on every name that becomes a folder under an output folder (a run_name,
+    a search name): a plain name, so nothing is written or deleted outside that folder."""
+    if not value:
+        return
+    if (any(c in value for c in "/\\\0") or value in (".", "..") or os.path.isabs(value)
+            or value != value.strip()):
+        _fail(name, value, "must be a plain folder name without path separators, '..' or "
+              "surrounding spaces (the folder is created under out_dir)")
 
 
 def _divisors(n: int) -> list[int]:

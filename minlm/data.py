@@ -57,6 +57,9 @@ def data_dir() -> Path:
     """``$MINLM_DATA_DIR``, else ``./data`` if present, else ``~/.cache/minlm/data`` (created)."""
     env = os.environ.get("MINLM_DATA_DIR")
     if env:
+        if Path(env).expanduser().is_file():  # else a missing dataset would be downloaded
+            raise NotADirectoryError(f"MINLM_DATA_DIR={env} is a file; point it at the folder "
+                                     "that holds the datasets (e.g. tinystories/train.txt)")
         return Path(env).expanduser()
     if Path("data").is_dir():
         return Path("data")

@@ -17,9 +17,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    mode = 0o666 & ~_umask()
+    os.chmod(tmp_path, mode)  # mkstemp makes 0600; give the file normal permissions
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # again: a writer may have replaced the file (safetensors: 0600)
         _crash_point(path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())

@@ -51,7 +51,7 @@ from minlm.chatdata import (
     render_chat,
     resolve_chat_file,
 )
-from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable
+from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable, check_folder_name
 from minlm.loss import masked_cross_entropy
 from minlm.tracing import LoggingModule
 
@@ -94,6 +94,7 @@ class _TuneConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         self._check_types()
+        check_folder_name("run_name", self.run_name)
         self._require(("epochs", "batch_size", "log_interval"), lambda v: v >= 1,
                       "must be a positive integer")
         self._require(("max_steps", "warmup_iters", "max_val", "eval_interval", "patience",
@@ -365,8 +366,11 @@ class _Tuner:
         self.data_meta = {"path": str(self.data_path)}
         self.load_data()
         if not self.train_items:
-            raise ValueError(f"no training examples left in {self.data_path} "
-                             f"({self.data_meta}); use more data or a lower val_fraction")
+            empty = self.data_meta.get("dropped_empty", 0) >= self.data_meta.get("conversations", 1)
+            raise ValueError(f"no training examples left in {self.data_path} ({self.data_meta}); "
+                             + ("no conversation has a turn to learn from (in mode='response': "
+                                "an assistant reply); check the roles" if empty else
+                                "use more data or a lower val_fraction"))
         torch.manual_seed(cfg.seed)
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.params = self.model.num_params()
@@ -434,13 +438,7 @@ class _Tuner:
         if run_dir.resolve() == self.parent.path.resolve():
             raise runs.RunError(f"run_name={run_dir.name!r} is the parent run itself; choose "
                                 "another run_name")
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not cfg.overwrite:
-                raise runs.RunError(f"run {run_dir.name!r} already exists in {run_dir.parent}; "
-                                    "pass overwrite=true to replace it, or choose another run_name")
-            if not (run_dir / "model_config.json").exists():
-                raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a "
-                                    "run folder")
+        if runs.check_run_target(run_dir, overwrite=cfg.overwrite, resumable=False):
             import shutil
 
             shutil.rmtree(run_dir)

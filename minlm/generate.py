@@ -284,6 +284,8 @@ class TokenStream:
     when ``stop(row)`` is called; after that it repeats its fill id (the first eos id, else
     ``pad_id``), and iteration ends when every row is finished or after ``max_new_tokens``.
     ``keep_logits=True`` keeps each step's raw model logits (B, V) in ``self.logits``.
+    ``n_ids`` (the tokenizer's vocabulary size) masks the ids of a larger model vocabulary,
+    which training allows but no tokenizer could decode.
     ``use_cache=False`` recomputes the context every step (the reference the tests compare
     with); ``fused=False`` runs cached steps through ``LM.forward`` instead of ``FusedStep``.
     The model is put in eval mode for the duration (and restored afterwards).
@@ -294,7 +296,8 @@ class TokenStream:
                  use_cache: bool = True, fused: bool = True, keep_logits: bool = False,
                  temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None):
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 n_ids: int | None = None):
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
@@ -342,6 +345,7 @@ class TokenStream:
         self.step = (FusedStep(model, max_len)
                      if use_cache and fused and not fused_step_problem(model) else None)
         self.keep_logits, self.logits = keep_logits, []
+        self.n_ids = n_ids if n_ids is not None and n_ids < cfg.vocab_size else None
         self._iter = None
 
     @property
@@ -386,6 +390,9 @@ class TokenStream:
             self.model.train(was_training)
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.n_ids is not None:  # ids past the tokenizer's vocabulary are never sampled
+            logits = logits.clone()
+            logits[:, self.n_ids:] = float("-inf")
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.repetition_penalty)
         return sample_next(logits, self.temperature, self.top_k, self.top_p, self.min_p,
@@ -515,6 +522,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100,
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     s = TokenStream(model, [encode_prompt(tokenizer, prompt)], max_new_tokens,
                     eos_id=_end_ids(tokenizer), pad_id=tokenizer.pad_id, use_cache=use_cache,
+                    n_ids=tokenizer.vocab_size,
                     **sampling)
     return _stream_text(s, _Detokenizer(tokenizer, stops))
 
@@ -567,7 +575,8 @@ def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     s = TokenStream(model, prompt_ids, max_new_tokens, eos_id=_end_ids(tokenizer),
-                    pad_id=tokenizer.pad_id, use_cache=use_cache, **sampling)
+                    pad_id=tokenizer.pad_id, use_cache=use_cache, n_ids=tokenizer.vocab_size,
+                    **sampling)
     detoks = [_Detokenizer(tokenizer, stops) for _ in prompts]
     ends = set(s.eos.tolist())
     finish = ["length"] * len(prompts)
@@ -657,6 +666,7 @@ class Chat:
         ends = _end_ids(tok, [self.special["end"]] if self.special else [])
         stops = [] if self.special else ["\nUser:", "User:"]
         s = TokenStream(self.model, [ids], self.max_new_tokens, eos_id=ends, pad_id=tok.pad_id,
+                        n_ids=tok.vocab_size,
                         **self.sampling)
         pieces = []
         for piece in _stream_text(s, _Detokenizer(tok, stops)):

@@ -167,12 +167,18 @@ class _SplitWriter:
             ids = ids[room:]
 
 
-def _empty_split_advice(data, split, totals, fraction, split_by) -> str:
+def _empty_split_advice(data, split, totals, fraction, max_docs) -> str:
     docs = totals["train"]["documents"]
-    advice = "raise max_docs/max_tokens or val_fraction"
-    if docs <= 1 and split_by == "auto":
-        advice = ("the source reads as one document: with one example per line, pass "
-                  "split_by='line' (--split-by line)")
+    documents = sum(v["documents"] for v in totals.values())
+    if documents <= 1:
+        advice = (f"{documents} document cannot be split into train and validation; add "
+                  "documents (a text file splits at blank lines or <|endoftext|> lines; with "
+                  "one example per line pass split_by='line', --split-by line), or give a "
+                  "folder holding train.txt and valid.txt")
+    elif max_docs and documents >= max_docs:
+        advice = "raise max_docs/max_tokens or val_fraction"
+    else:
+        advice = f"raise val_fraction to at least {1 / documents:.3g}"
     return (f"the {split} split of {data!r} is empty ({docs} train documents, "
             f"val_fraction={fraction}); {advice}")
 
@@ -363,6 +369,6 @@ def _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,
                 pool.terminate()
         for split, t in totals.items():
             if t["tokens"] == 0:  # raised inside: the temp files are removed, none renamed
-                raise ValueError(_empty_split_advice(data, split, totals, fraction, split_by))
+                raise ValueError(_empty_split_advice(data, split, totals, fraction, max_docs))
         files = {s: w.files for s, w in writers.items()}
     return totals, files

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minlm.config import ModelConfig, TrainConfig
+from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.loss import chunk_rows
 
@@ -270,6 +270,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     from minlm.runs import estimate_params
     from minlm.train import resolve_device
 
+    check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
     if not candidates:
         raise ValueError("no candidates to search; build them with grid(...) or "
                          "random_candidates(...)")

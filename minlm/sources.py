@@ -269,9 +269,12 @@ def read_records(source: str | os.PathLike | HubSource, text_column: str = "text
         name = str(path)
     n = 0
     for reader in readers:
-        for item in reader():
+        for where, record in reader():
             n += 1
-            yield item
+            if isinstance(record, str) and "\x00" in record:  # the file check reads its head
+                raise ValueError(f"{where.split(',')[0]} is not a UTF-8 text file (document {n} "
+                                 "holds NUL bytes: binary data?)")
+            yield where, record
     if n == 0:
         raise ValueError(f"{name} holds no documents (it is empty or only whitespace)")
 

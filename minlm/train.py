@@ -115,14 +115,8 @@ def default_run_name(train_cfg: TrainConfig) -> str:
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> bool:
     """Create or reuse the folder; returns True when there is a run to resume."""
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
-    if exists and not (cfg.resume or cfg.overwrite):
-        raise runs.RunError(
-            f"run {run_dir.name!r} already exists in {run_dir.parent}; pass resume=true to "
-            "continue it, overwrite=true to start it again, or choose another run_name")
+    exists = runs.check_run_target(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     if exists and cfg.overwrite:
-        if not (run_dir / "model_config.json").exists():
-            raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a run folder")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return exists and cfg.resume
@@ -172,6 +166,8 @@ class Trainer:
                          if self.bf16 else contextlib.nullcontext)
 
         runs.check_memory(model_cfg, cfg, self.device)  # before any work: fail in a second
+        runs.check_run_target(Path(cfg.out_dir) / cfg.run_name, resume=cfg.resume,
+                              overwrite=cfg.overwrite)  # before tokenizing the corpus
         tok_path = Path(cfg.tokenizer) if cfg.tokenizer else shipped_tokenizer_path(model_cfg.vocab_size)
         self.tokenizer = load_tokenizer(str(tok_path))
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -184,6 +180,10 @@ class Trainer:
                                       num_workers=cfg.num_workers, max_docs=cfg.max_docs,
                                       verbose=cfg.verbose and main)
             distributed.barrier(self.dist)
+        from minlm.data import _check_split  # data too short: refused before the folder exists
+
+        for split in (self.shards.train, self.shards.val)[:2 if cfg.eval_iters else 1]:
+            _check_split(split, model_cfg.block_size)
 
         self.run_dir = Path(cfg.out_dir) / cfg.run_name
         exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
