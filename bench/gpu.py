@@ -516,7 +516,8 @@ def check_fsdp(b: Bench) -> None:
     init.unlink(missing_ok=True)
     dist.init_process_group("nccl" if b.device.type == "cuda" else "gloo",
                             init_method=f"file://{init}", rank=0, world_size=1,
-                            **({"device_id": b.device} if b.device.type == "cuda" else {}))
+                            **({"device_id": torch.device("cuda", torch.cuda.current_device())}
+                               if b.device.type == "cuda" else {}))
     try:
         for block in sharded.blocks:
             fully_shard(block)
