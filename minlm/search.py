@@ -340,16 +340,19 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     def objective(trial) -> float:
         import optuna
 
-        frozen = next(f for f in study.get_trials(deepcopy=False) if f.number == trial.number)
+        every = study.get_trials(deepcopy=False)
+        frozen = next(f for f in every if f.number == trial.number)
         if "fixed_params" not in frozen.system_attrs:  # another process emptied the queue first
             trial.set_user_attr("status", "none left")
             return math.nan
-        t = trials[trial.suggest_categorical("candidate", list(range(len(candidates))))]
+        i = trial.suggest_categorical("candidate", list(range(len(candidates))))
+        t = trials[i]
         m, tc = configs[t.name]
-        retry = "failed_trial" in frozen.system_attrs
+        # an earlier trial of this candidate (killed, interrupted) left its run folder: resume it
+        again = any(f.params.get("candidate") == i for f in every if f.number < trial.number)
         trial.set_user_attr("pid", os.getpid())
         rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
-        _train_trial(t, trial, study, m, tc.replace(resume=retry, overwrite=not retry), rungs,
+        _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again), rungs,
                      eta, dev, budget, callbacks)
         for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "run_dir",
                   "peak_memory", "params"):
@@ -359,6 +362,9 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
                                        f", val bpb {t.val_bpb:.4f} at step {t.steps}"))
         if t.status in ("cut", "over memory"):
             raise optuna.TrialPruned()
+        if t.status == "interrupted":  # the trial fails; the next run of the search resumes it
+            raise KeyboardInterrupt(f"search interrupted in {t.name} at step {t.steps}; run it "
+                                    "again to resume")
         return t.val_bpb if t.status == "trained" else math.nan
 
     _work_on(study, objective, heartbeat, out_dir / "study.lock")
@@ -381,6 +387,7 @@ def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: 
     import warnings
 
     import optuna
+    from optuna.trial import TrialState
 
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -408,8 +415,10 @@ def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: 
             raise ValueError(f"study {name!r} in {url} holds other candidates ({len(saved)}, "
                              f"not these {len(keys)}); give this search another name, or "
                              "delete the study to start it again")
+        # candidates whose trials all failed (an error, Ctrl-C) are queued again
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
         held = {f.params.get("candidate", f.system_attrs.get("fixed_params", {}).get("candidate"))
-                for f in study.get_trials(deepcopy=False)}
+                for f in study.get_trials(deepcopy=False, states=live)}
         for i in runnable:
             if i not in held:
                 study.enqueue_trial({"candidate": i})
@@ -515,6 +524,8 @@ def _train_trial(t: Trial, trial, study, model_cfg: ModelConfig, train_cfg: Trai
         t.status, t.reason = "failed", str(e).splitlines()[0][:300]
         return
     t.run_dir = str(result.run_dir)
+    if t.status == "pending" and stop.reason.startswith("interrupted"):  # Ctrl-C in train()
+        t.status, t.reason = "interrupted", result.stopped
     if t.status == "pending":
         t.status = "trained" if t.val_bpb == t.val_bpb else "failed"
         if t.status == "failed":

@@ -169,6 +169,8 @@ def hook(trial, row):
     print(trial.name, row["step"], flush=True)
     if mode == "kill" and trial.name.startswith("trial01") and row["step"] >= 10:
         os.kill(os.getpid(), signal.SIGKILL)  # after the step-8 checkpoint, before step 12's
+    if mode == "interrupt" and trial.name.startswith("trial01") and row["step"] >= 8:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer stops after this step
     if mode == "pair" and not waited:  # hold the first trial until the other process has one
         deadline = time.time() + 180
         while running() < 2 and time.time() < deadline:
@@ -199,19 +201,27 @@ def _trials_by_candidate(out):
     return by
 
 
-def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path, shared_data):
+@pytest.mark.parametrize("how", ["kill", "interrupt"])
+def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path, shared_data, how):
+    """SIGKILL (the trial is found by its silent heartbeat) or Ctrl-C (the trainer stops and
+    checkpoints, the search stops): the next run resumes the trial from its checkpoint."""
     import optuna
 
     script = tmp_path / "run_search.py"
     script.write_text(SEARCH_SCRIPT)
     out = tmp_path / "runs"
-    killed = _run_search(script, out, "kill", shared_data, tmp_path)
-    stdout, stderr = killed.communicate(timeout=600)
-    assert killed.returncode == -signal.SIGKILL, stdout + stderr
+    stopped = _run_search(script, out, how, shared_data, tmp_path)
+    stdout, stderr = stopped.communicate(timeout=600)
+    if how == "kill":
+        assert stopped.returncode == -signal.SIGKILL, stdout + stderr
+        time.sleep(4)  # three silent heartbeats (1 s each) mark the killed trial stale
+    else:  # was: the interrupted trial counted as trained at step 8, and the search went on
+        # an uncaught KeyboardInterrupt ends Python with SIGINT's status
+        assert stopped.returncode == -signal.SIGINT, stderr
+        assert "search interrupted in trial01-lr=0.002 at step 8" in stderr
     first = tmp_path / "runs" / "search" / "trial00-lr=0.003"
     finished_log = (first / "log.csv").read_text()
     stamp = (first / "log.csv").stat().st_mtime_ns
-    time.sleep(4)  # three silent heartbeats (1 s each) mark the killed trial stale
 
     resumed = _run_search(script, out, "resume", shared_data, tmp_path)
     stdout, stderr = resumed.communicate(timeout=600)
