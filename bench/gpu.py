@@ -47,6 +47,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+STARTED = time.perf_counter()  # the time limit counts from here, before torch is imported
+
 # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +93,7 @@ class Bench:
     limit_s: float
     dry: bool
     device: torch.device
-    start: float = field(default_factory=time.perf_counter)
+    start: float = STARTED
     rows: list[Row] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     found: dict = field(default_factory=dict)  # confirmed batch sizes, for the training run
@@ -783,7 +785,7 @@ def stage_train(b: Bench) -> None:
     b.add("lillm-39m run: trainer tokens/s", "info", tps, "tokens/s",
           detail=f"median of the log past its first quarter; MFU "
           f"{float(mfu.median()) if len(mfu) else float('nan'):.3f}; "
-          f"{tcfg.precision}, compile={tcfg.compile}, batch {batch}")
+          f"{tcfg.precision}, compile={tcfg.compile}, batch {batch}, {minutes:.2f} min budget")
 
 
 def _train_tokens(run_dir: Path) -> int:

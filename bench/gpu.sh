@@ -38,5 +38,5 @@ echo "data: ${MINLM_DATA_DIR:-none found (the training rows will fall back or fa
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 # the script stops itself at --limit-minutes (8); this outer limit only catches a hang
-timeout --kill-after=10 600 "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$out/log.txt"
+timeout --kill-after=10 "${GPU_CHECK_TIMEOUT:-600}" "$py" bench/gpu.py --out "$out" "$@" 2>&1 | tee "$out/log.txt"
 exit "${PIPESTATUS[0]}"
