@@ -256,3 +256,14 @@ def test_two_processes_share_one_study(tmp_path, shared_data):
     assert sorted(by) == [0, 1, 2, 3]
     assert all([f.state for f in fs] == [optuna.trial.TrialState.COMPLETE] for fs in by.values())
     assert {fs[0].user_attrs["pid"] for fs in by.values()} == {p.pid for p in procs}
+
+
+def test_a_finished_study_is_read_back_and_other_candidates_are_refused(tmp_path, shared_data):
+    model, train = base_cfgs(tmp_path, max_iters=4)
+    first = search(grid(lr=[3e-3]), model, train, n_rungs=1, verbose=False)
+    again = search(grid(lr=[3e-3]), model, train, n_rungs=1, verbose=False,
+                   callbacks=[lambda t, row: pytest.fail("a finished trial trained again")])
+    assert again.table.to_dict() == first.table.to_dict()
+    with pytest.raises(ValueError, match="study 'search' in sqlite:///.*holds other candidates "
+                                         r"\(1, not these 2\); give this search another name"):
+        search(grid(lr=[3e-3, 1e-3]), model, train, n_rungs=1, verbose=False)
