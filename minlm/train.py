@@ -367,7 +367,8 @@ class Trainer:
                 out_of_time = bool(cfg.max_minutes) and self.elapsed() > 60 * cfg.max_minutes
                 if out_of_time:  # the run ends here, on an evaluation
                     self.stop.set(self.budget_reason)
-                if self.step % cfg.log_interval == 0 or at_eval or out_of_time:
+                stopping = self.stop.is_set()  # the last step is logged, so the log ends where the run does
+                if self.step % cfg.log_interval == 0 or at_eval or out_of_time or stopping:
                     self.log(lr, loss, grad_norm, interval, force_eval=out_of_time)
                     left = (f"{cfg.max_minutes - self.elapsed() / 60:.1f}"
                             if cfg.max_minutes else None)
@@ -381,6 +382,8 @@ class Trainer:
                 raise
             raise MemoryError(runs.oom_message(self.model, cfg, self.model_cfg)) from None
         finally:
+            if self.stop.is_set() and bar.total:  # a stop ends the bar as done (not red)
+                bar.total = bar.n
             bar.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
