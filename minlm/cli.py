@@ -68,7 +68,8 @@ def cmd_train(args) -> None:
         model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
     result = train(model_cfg, train_cfg)
-    print(result)
+    if not train_cfg.verbose:  # a verbose run has printed its summary line already
+        print(result)
 
 
 def cmd_search(args) -> None:

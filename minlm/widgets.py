@@ -305,3 +305,73 @@ class ChatWidget:
         self.chat.history.clear()
         self.turns.clear()
         self._render()
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib figure as PNG bytes (for an ``Image`` widget's value)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+class AttentionExplorer:
+    """Attention heatmaps of a trained run: pick the run, layer and head (or all heads) and
+    edit the sentence; the figure (with token labels and a colour bar) redraws as an ``Image``
+    widget's value. Runs load once and are kept."""
+
+    def __init__(self, runs: list[str], text: str = "Lily saw a big red ball. She ran to it.",
+                 runs_dir: str | None = None):
+        from minlm.runs import load_run
+
+        if not runs:
+            raise ValueError("runs is empty: pass run names or folders, e.g. ['llama-1m']")
+        self._load, self._runs_dir, self._cache = load_run, runs_dir, {}
+        self.run = W.Dropdown(options=list(runs), value=runs[0], description="run", **_LABEL)
+        self.layer = W.Dropdown(description="layer", **_LABEL)
+        self.head = W.Dropdown(description="head", **_LABEL)
+        self.text = W.Text(value=text, description="text", continuous_update=False,
+                           layout=W.Layout(width="60%"), **_LABEL)
+        self.image = W.Image(format="png")
+        self.error = W.HTML()
+        self._choices()
+        for w in (self.layer, self.head, self.text):
+            w.observe(lambda _: self.draw(), names="value")
+        self.run.observe(lambda _: (self._choices(), self.draw()), names="value")
+        self.box = W.VBox([W.HBox([self.run, self.layer, self.head]), self.text, self.error,
+                           self.image])
+        self.draw()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.box)
+
+    def model(self):
+        name = self.run.value
+        if name not in self._cache:
+            self._cache[name] = self._load(name, runs_dir=self._runs_dir)
+        return self._cache[name]
+
+    def _choices(self) -> None:
+        cfg = self.model().model_config
+        self.layer.options = list(range(cfg.n_layers))
+        self.head.options = [("all", -1)] + [(str(h), h) for h in range(cfg.n_heads)]
+        self.layer.value, self.head.value = 0, -1
+
+    def figure(self):
+        from minlm.plots import attention_figure
+
+        run = self.model()
+        heads = None if self.head.value in (-1, None) else self.head.value
+        return attention_figure(run.model, run.tokenizer, self.text.value,
+                                layer=self.layer.value or 0, heads=heads,
+                                max_heads=run.model_config.n_heads)
+
+    def draw(self) -> None:
+        try:
+            self.image.value = figure_png(self.figure())
+            self.error.value = ""
+        except ValueError as e:  # e.g. an empty sentence: say so in the widget
+            self.error.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"

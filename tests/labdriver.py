@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("MINLM_CHROMIUM", "/usr/bin/chromium")
+NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook"  # the notebook on show
 ARTIFACTS = REPO / "test-artifacts" / "browser"  # failure screenshots (CI keeps them)
 
 
@@ -103,8 +104,9 @@ class Lab:
         self.page, self.server = page, server
 
     def open(self, name: str) -> None:
-        self.page.goto(f"{self.server.url}/lab/tree/{name}?token={self.server.token}")
-        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        # ?reset: a fresh workspace, so notebooks opened by earlier tests are not restored
+        self.page.goto(f"{self.server.url}/lab/tree/{name}?reset&token={self.server.token}")
+        self.page.wait_for_selector(f"{NOTEBOOK} .jp-Cell", timeout=120_000)
         end, quiet_since = time.monotonic() + 180, None
         while time.monotonic() < end:
             if self.accept_dialog() or self.kernel_status() != "idle":
@@ -126,13 +128,14 @@ class Lab:
 
     def kernel_status(self) -> str:
         return self.page.get_attribute(".jp-NotebookPanel:not(.lm-mod-hidden) "
-                                       ".jp-Notebook-ExecutionIndicator", "data-status") or ""
+                                       ".jp-Notebook-ExecutionIndicator", "data-status",
+                                       timeout=10_000) or ""
 
     def wait_idle(self, timeout: float) -> None:
         """Until the kernel is idle and no cell waits to run."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            busy = self.page.locator(".jp-InputArea-prompt", has_text="[*]").count()
+            busy = self.page.locator(f"{NOTEBOOK} .jp-InputArea-prompt", has_text="[*]").count()
             if self.kernel_status() == "idle" and not busy:
                 return
             time.sleep(0.5)
@@ -153,10 +156,10 @@ class Lab:
                           ).first.click()
 
     def cell(self, index: int):
-        return self.page.locator(".jp-Notebook .jp-Cell").nth(index)
+        return self.page.locator(f"{NOTEBOOK} .jp-Cell").nth(index)
 
     def running(self, index: int) -> bool:
-        return "[*]" in self.cell(index).locator(".jp-InputArea-prompt").inner_text()
+        return "[*]" in "".join(self.cell(index).locator(".jp-InputArea-prompt").all_inner_texts())
 
     def errors(self) -> list[str]:
         return self.page.locator('[data-mime-type="application/vnd.jupyter.error"]').all_inner_texts()

@@ -77,6 +77,11 @@ def _run_dir(status: str) -> Path:
     return Path(m.group(1))
 
 
+def _text(locator) -> str:
+    """The text of what ``locator`` matches, "" while nothing does (never waits)."""
+    return "".join(locator.all_text_contents())
+
+
 def _step(status: str) -> int:
     """The step in a live status line ("step 15: train loss ..."), else -1."""
     m = re.match(r"step (\d+):", status)
@@ -94,11 +99,11 @@ def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
     lab.run_all()
     widget, wait_cell, resume_cell = lab.cell(3), lab.cell(5), lab.cell(9)
     status = widget.locator(".minlm-status")
-    lab.wait_for(lambda: lab.running(5) and _step(status.text_content()) >= 10, 180,
+    lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
                  "training rows while `await widget` runs")
     widget.get_by_role("button", name="Stop").click()  # a mouse click, as a person does
-    lab.wait_for(lambda: "Stop button pressed" in status.text_content(), 60, "the widget saying stopped")
-    first = status.text_content()
+    lab.wait_for(lambda: "Stop button pressed" in _text(status), 60, "the widget saying stopped")
+    first = _text(status)
     assert first.startswith("stopped"), first
     run_dir = _run_dir(first)
     _assert_saved(run_dir)
@@ -108,12 +113,12 @@ def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
 
     # Run All goes on: the resume cell shows the same widget, training from where it stopped
     more = resume_cell.locator(".minlm-status")
-    lab.wait_for(lambda: lab.running(9) and _step(more.text_content()) > steps_at_stop, 180,
+    lab.wait_for(lambda: lab.running(9) and _step(_text(more)) > steps_at_stop, 180,
                  "the resumed run training")
     lab.interrupt()
-    lab.wait_for(lambda: "interrupted (Interrupt)" in more.text_content(), 60,
+    lab.wait_for(lambda: "interrupted (Interrupt)" in _text(more), 60,
                  "the resumed widget saying interrupted")
-    resumed = more.text_content()
+    resumed = _text(more)
     assert _run_dir(resumed) == run_dir
     _assert_saved(run_dir)
     ckpt_steps = [int(m) for p in run_dir.glob("checkpoint*.pt")
@@ -126,7 +131,7 @@ def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
 
 def _exchanges(cell) -> list[str]:
     """The chat transcript's lines ("you: ...", "assistant: ...") as the page shows them."""
-    text = cell.locator(".jp-OutputArea").inner_text()
+    text = "\n".join(cell.locator(".jp-OutputArea-output").all_inner_texts())  # does not wait
     return [line.strip() for line in text.splitlines()
             if line.strip().startswith(("you:", "assistant:", "error:"))]
 
@@ -165,21 +170,21 @@ def test_inference_slider_and_generate(lab):
     assert not lab.errors()
     sampler = lab.cell(6)
     output = sampler.locator(".jp-OutputArea-output").last
-    before = output.text_content()
+    before = _text(output)
     assert "Once upon a time, there was a little dog" in before, before
     label = sampler.locator(".widget-label", has_text="temperature")
-    assert label.text_content() == "temperature"  # not cut to "temperat…"
+    assert _text(label) == "temperature"  # not cut to "temperat…"
     assert label.evaluate("e => e.scrollWidth <= e.clientWidth")
     slider = sampler.locator(".widget-slider", has=label)
     readout = slider.locator(".widget-readout")
-    assert readout.text_content() == "0.80"
+    assert _text(readout) == "0.80"
     handle = slider.locator(".noUi-handle").bounding_box()
     page = lab.page
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
     page.mouse.down()
     page.mouse.move(handle["x"] + handle["width"] / 2 + 60, handle["y"] + handle["height"] / 2, steps=5)
     page.mouse.up()
-    lab.wait_for(lambda: float(readout.text_content()) > 0.8, 10, "the slider to move")
+    lab.wait_for(lambda: float(_text(readout)) > 0.8, 10, "the slider to move")
     sampler.get_by_role("button", name="Generate").click()
-    lab.wait_for(lambda: output.text_content() != before, 60, "new text after Generate")
-    assert "Once upon a time, there was a little dog" in output.text_content()
+    lab.wait_for(lambda: _text(output) != before, 60, "new text after Generate")
+    assert "Once upon a time, there was a little dog" in _text(output)

@@ -197,3 +197,42 @@ def test_chat_reply_streams_into_widget_state(tiny):
     assert chat.transcript.value.count("minlm-assistant") == 1
     chat.reset()
     assert chat.transcript.value == "" and chat.chat.history == []
+
+
+def test_attention_of_the_trained_model_is_readable():
+    """Notebook 5's heatmaps: the shipped trained llama-1m, layer and head chosen by widgets,
+    token labels large enough to read and a colour bar."""
+    from minlm.plots import attention_figure
+    from minlm.widgets import AttentionExplorer
+
+    explorer = AttentionExplorer(["llama-1m"], "Lily saw a ball. She ran to it.")
+    run = explorer.model()
+    assert explorer.layer.options == tuple(range(run.model_config.n_layers))
+    first = bytes(explorer.image.value)
+    assert first.startswith(b"\x89PNG")
+    explorer.head.value = 1
+    one_head = bytes(explorer.image.value)
+    explorer.layer.value = run.model_config.n_layers - 1
+    assert len({first, one_head, bytes(explorer.image.value)}) == 3
+    fig = attention_figure(run.model, run.tokenizer, "Lily saw a ball.", layer=1, heads=[0, 2])
+    heat, _, bar = fig.axes
+    assert bar.get_ylabel() == "attention probability"
+    labels = heat.get_xticklabels()
+    pieces = [run.tokenizer.piece_text(i) for i in run.tokenizer.encode("Lily saw a ball.")]
+    assert [t.get_text() for t in labels] == ["<s>"] + pieces
+    assert min(t.get_fontsize() for t in labels) >= 9
+    with pytest.raises(ValueError, match=r"heads=\[9\] are out of range: layer 1 has heads 0..3"):
+        attention_figure(run.model, run.tokenizer, "Lily", layer=1, heads=9)
+    with pytest.raises(ValueError, match="layer=7 is out of range"):
+        attention_figure(run.model, run.tokenizer, "Lily", layer=7)
+
+
+def test_text_table_keeps_line_breaks():
+    import pandas as pd
+
+    from minlm.plots import text_table
+
+    df = pd.DataFrame({"llama-1m": ["Tom ran.\nHe fell."]}, index=["Once"])
+    assert "\\n" in df._repr_html_()  # pandas' own table: a literal backslash-n
+    page = text_table(df)._repr_html_()
+    assert "Tom ran.\nHe fell." in page and "\\n" not in page and "pre-wrap" in page
