@@ -98,7 +98,7 @@ def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
     lab.open("2_train.ipynb")
     lab.run_all()
     widget, wait_cell, resume_cell = lab.cell(3), lab.cell(5), lab.cell(9)
-    status = widget.locator(".minlm-status")
+    status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
     lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
                  "training rows while `await widget` runs")
     widget.get_by_role("button", name="Stop").click()  # a mouse click, as a person does
@@ -112,7 +112,7 @@ def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
     assert "danger" not in (widget.locator(".minlm-progress .progress-bar").get_attribute("class") or "")
 
     # Run All goes on: the resume cell shows the same widget, training from where it stopped
-    more = resume_cell.locator(".minlm-status")
+    more = resume_cell.locator(".minlm-status, .widget-vbox > .widget-html").first
     lab.wait_for(lambda: lab.running(9) and _step(_text(more)) > steps_at_stop, 180,
                  "the resumed run training")
     lab.interrupt()
@@ -175,9 +175,9 @@ def test_inference_slider_and_generate(lab):
     label = sampler.locator(".widget-label", has_text="temperature")
     assert _text(label) == "temperature"  # not cut to "temperat…"
     assert label.evaluate("e => e.scrollWidth <= e.clientWidth")
-    slider = sampler.locator(".widget-slider", has=label)
+    slider = sampler.locator(".widget-slider").filter(has_text="temperature")
     readout = slider.locator(".widget-readout")
-    assert _text(readout) == "0.80"
+    assert _text(readout) == "0.80", sampler.locator(".widget-slider").first.inner_html()[:1500]
     handle = slider.locator(".noUi-handle").bounding_box()
     page = lab.page
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
