@@ -59,7 +59,7 @@ class TrainingWidget:
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop",
                                     tooltip="finish the current step, save the run and stop")
         self.stop_button.on_click(lambda _: self.stop_flag.set("Stop button pressed"))
-        self.plot = W.Output()
+        self.plot = W.Image(format="png")  # the loss curves, redrawn as the value changes
         self.box = W.VBox([W.HBox([self.progress, self.stop_button]), self.status, self.plot])
 
     def _ipython_display_(self):
@@ -81,9 +81,11 @@ class TrainingWidget:
             self.status.value = "preparing data..."
             self.result = train(self.model_cfg, self.train_cfg, stop=self.stop_flag,
                                 callbacks=[self._on_row])
-            if self.progress.description == "step":
-                self.progress.value = self.result.step
-            self.progress.bar_style = "success"  # a Stop is a normal end, not an error
+            # a Stop is a normal end, not an error: the bar ends full and green
+            self.progress.max = max(1, self.progress.value if self.progress.description == "seconds"
+                                    else self.result.step)
+            self.progress.value = self.progress.max
+            self.progress.bar_style = "success"
             word = f"stopped ({self.result.stopped})" if self.result.stopped else "done"
             self.status.value = f"<b>{html.escape(word)}</b>: {html.escape(str(self.result))}"
         except BaseException as e:  # noqa: BLE001 - shown in the widget and re-raised by wait()
@@ -175,12 +177,7 @@ class TrainingWidget:
         return fig
 
     def redraw(self) -> None:
-        fig = self.figure()
-        with self.plot:
-            from IPython.display import clear_output, display
-
-            clear_output(wait=True)
-            display(fig)
+        self.plot.value = figure_png(self.figure())
 
 
 def training_widget(model_cfg: ModelConfig, train_cfg: TrainConfig, start: bool = True) -> TrainingWidget:

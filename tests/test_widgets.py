@@ -45,7 +45,9 @@ def test_stop_button_saves_run_and_resume_works(cfgs):
     assert list_checkpoints(run_dir)[0][0] == result.step
     assert widget.stop_button.disabled
     assert len(widget.figure().axes[0].lines) == 2  # train and val curves
+    assert bytes(widget.plot.value).startswith(b"\x89PNG")  # the live plot is widget state
     assert widget.progress.bar_style == "success" and widget.status.value.startswith("<b>stopped")
+    assert widget.progress.value == widget.progress.max == result.step  # full, not a sliver
     # the log and the runs table end where the run stopped, not at the last logging interval
     assert read_log(run_dir)["step"].iloc[-1] == result.step
     assert list_runs(train_cfg.out_dir)["steps"][0] == result.step
