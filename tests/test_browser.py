@@ -22,11 +22,15 @@ import pytest
 from tests.conftest import data_dir
 from tests.labdriver import CHROMIUM, REPO, JupyterLab, Lab, copy_notebooks
 
+REQUIRED = os.environ.get("MINLM_REQUIRE_BROWSER") == "1"  # CI: a missing browser fails
 if not Path(CHROMIUM).exists():
-    if os.environ.get("MINLM_REQUIRE_BROWSER") == "1":
+    if REQUIRED:
         raise RuntimeError(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set MINLM_CHROMIUM)")
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+if REQUIRED:
+    from playwright import sync_api
+else:
+    sync_api = pytest.importorskip("playwright.sync_api")
 
 # 2_train's smoke run is a few seconds; the copy opened here trains long enough to be stopped.
 LONG_TRAINING = {"2_train.ipynb": [("max_iters=30 if SMOKE", "max_iters=100000 if SMOKE")]}
