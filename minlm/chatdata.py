@@ -387,7 +387,27 @@ class Example:
         tok = tokenizer or self.tokenizer
         if tok is None:
             raise ValueError("display() needs the tokenizer: example.display(tokenizer)")
-        return MaskDisplay(self.ids, self.mask, [tok.piece_text(i) for i in self.ids])
+        return MaskDisplay(self.ids, self.mask, readable_pieces(tok, self.ids, self.mask))
+
+
+def readable_pieces(tok, ids: Sequence[int], mask: Sequence[int]) -> list[str]:
+    """``piece_text`` of each token, except that a run of byte-fallback tokens with the same
+    mask that decodes to whole characters shows as those characters (a curly apostrophe,
+    not ``<0xE2><0x80><0x99>``): the first token of the run carries the text, the rest ``""``."""
+    from minlm.tokenizer import BYTE_PIECE
+
+    pieces = [tok.piece_text(i) for i in ids]
+    k = 0
+    while k < len(ids):
+        end = k
+        while end < len(ids) and BYTE_PIECE.match(pieces[end]) and mask[end] == mask[k]:
+            end += 1
+        if end - k >= 1 and BYTE_PIECE.match(pieces[k]):
+            text = tok.decode(list(ids[k:end]))
+            if text and "\ufffd" not in text:
+                pieces[k:end] = [text] + [""] * (end - k - 1)
+        k = max(end, k + 1)
+    return pieces
 
 
 class MaskDisplay:
@@ -398,7 +418,7 @@ class MaskDisplay:
         self.ids, self.mask, self.pieces = ids, mask, pieces
 
     def __str__(self) -> str:
-        body = "".join(f"[{p}]" if m else p for p, m in zip(self.pieces, self.mask))
+        body = "".join(f"[{p}]" if m else p for p, m in zip(self.pieces, self.mask) if p)
         return (body.replace("\n", "\\n")
                 + f"\n({len(self.ids)} tokens, {sum(self.mask)} in the loss, in [brackets])")
 
@@ -407,6 +427,8 @@ class MaskDisplay:
     def _repr_html_(self) -> str:
         spans = []
         for i, p, m in zip(self.ids, self.pieces, self.mask):
+            if not p:  # a byte token shown by the character its run decodes to
+                continue
             style = ("background:#c8f0c8;color:#000" if m else "background:#eee;color:#888")
             shown = html.escape(p).replace("\n", "↵<br>")
             spans.append(f'<span title="id {i}, {"trained" if m else "context"}" '

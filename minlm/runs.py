@@ -491,7 +491,12 @@ def list_runs(runs_dir: str | os.PathLike | None = None):
             "steps": int(last["step"]) if last is not None else 0,
             "tokens": int(last["tokens"]) if last is not None else 0,
             "elapsed_min": round(float(last["elapsed_s"]) / 60, 2) if last is not None else None,
-            "val_loss": float(last_eval["val_loss"]) if last_eval is not None else None,
+            "kind": meta.get("kind", "pretrain"),
+            # a DPO loss is not a language-model loss: it gets a column of its own
+            "val_loss": (float(last_eval["val_loss"]) if last_eval is not None
+                         and meta.get("kind") != "dpo" else None),
+            "val_dpo_loss": (float(last_eval["val_loss"]) if last_eval is not None
+                             and meta.get("kind") == "dpo" else None),
             "val_bpb": float(last_eval["val_bpb"]) if last_eval is not None else None,
             "status": meta.get("status", ""),
             "path": str(run_dir),

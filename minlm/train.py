@@ -348,39 +348,54 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGINT,
                                              lambda *_: self.stop.set("interrupted (Ctrl-C)"))
-        # a time budget ends the run long before a large max_iters: no bogus ETA then
-        bar = tqdm(total=None if cfg.max_minutes else cfg.max_iters, initial=self.step, unit="step",
-                   disable=not (cfg.verbose and self.dist.is_main),
+        # on a time budget the bar counts seconds of the budget (a large max_iters would give a
+        # bogus ETA); otherwise steps of max_iters
+        budget_s = 60 * cfg.max_minutes if cfg.max_minutes else 0.0
+        bar = tqdm(total=round(budget_s) if budget_s else cfg.max_iters,
+                   initial=min(round(self.elapsed()), round(budget_s)) if budget_s else self.step,
+                   unit="s" if budget_s else "step", disable=not (cfg.verbose and self.dist.is_main),
                    dynamic_ncols=True, desc=self.run_dir.name)
+        last_step_s = last_eval_s = 0.0  # to end a budgeted run before it overruns
         self.model.train()
-        saved = True
+        saved = ended = True
         try:
+            ended = False
             while self.step < cfg.max_iters and not self._should_stop():
                 lr = self.lr()
+                t0 = time.perf_counter()
                 loss, grad_norm = self.train_step(lr)
+                last_step_s = time.perf_counter() - t0
                 self.step += 1
                 step_tokens = cfg.batch_size * self.model_cfg.block_size * cfg.grad_accum_steps
                 self.tokens += step_tokens
                 interval = (interval[0], interval[1] + step_tokens)
-                bar.update(1)
+                bar.update(min(round(self.elapsed()), round(budget_s)) - bar.n if budget_s else 1)
                 at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
-                out_of_time = bool(cfg.max_minutes) and self.elapsed() > 60 * cfg.max_minutes
+                # stop when another step and the final evaluation would not fit in the budget
+                out_of_time = bool(budget_s) and self.elapsed() + last_step_s + last_eval_s > budget_s
                 if out_of_time:  # the run ends here, on an evaluation
                     self.stop.set(self.budget_reason)
-                if self.step % cfg.log_interval == 0 or at_eval or out_of_time:
+                stopping = self.stop.is_set()  # the last step is logged, so the log ends where the run does
+                if self.step % cfg.log_interval == 0 or at_eval or out_of_time or stopping:
+                    t0 = time.perf_counter()
                     self.log(lr, loss, grad_norm, interval, force_eval=out_of_time)
-                    left = (f"{cfg.max_minutes - self.elapsed() / 60:.1f}"
+                    if self.log_rows[-1]["val_loss"] is not None:
+                        last_eval_s = time.perf_counter() - t0
+                    left = (f"{max(0.0, cfg.max_minutes - self.elapsed() / 60):.1f}"
                             if cfg.max_minutes else None)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.log_rows[-1]['tokens_per_s']:,.0f}",
                                     **({"min_left": left} if left else {}))
                     interval = (time.perf_counter(), 0)
                 if self.step % cfg.checkpoint_interval == 0 and not self.bad_in_a_row:
                     saved = self.checkpoint()
+            ended = True
         except (RuntimeError, MemoryError) as e:
             if not runs.is_out_of_memory(e):
                 raise
             raise MemoryError(runs.oom_message(self.model, cfg, self.model_cfg)) from None
         finally:
+            if ended:  # a stop or the budget ends the bar as done, not red (tqdm's error look)
+                bar.total = bar.n = max(bar.n, 1)
             bar.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
