@@ -45,7 +45,7 @@ def contenders(ours: LM, theirs, new_tokens: int) -> dict:
 def _unfused(model, idx, new_tokens):
     from minlm.generate import TokenStream
 
-    s = TokenStream(model, idx, new_tokens, temperature=0, fused=False)
+    s = TokenStream(model, idx, new_tokens, temperature=0, fast=False)
     for _ in s:
         pass
     return s.tokens

@@ -45,10 +45,10 @@ def to_hf_llama(model: LM):
         sd.update({
             p + "input_layernorm.weight": s["norm1"].weight,
             p + "post_attention_layernorm.weight": s["norm2"].weight,
-            p + "self_attn.q_proj.weight": s["attn"].q_proj.weight,
-            p + "self_attn.k_proj.weight": s["attn"].k_proj.weight,
-            p + "self_attn.v_proj.weight": s["attn"].v_proj.weight,
-            p + "self_attn.o_proj.weight": s["attn"].o_proj.weight,
+            p + "self_attn.q_proj.weight": s["mixer"].q_proj.weight,
+            p + "self_attn.k_proj.weight": s["mixer"].k_proj.weight,
+            p + "self_attn.v_proj.weight": s["mixer"].v_proj.weight,
+            p + "self_attn.o_proj.weight": s["mixer"].o_proj.weight,
             p + "mlp.gate_proj.weight": s["mlp"].gate.weight,
             p + "mlp.up_proj.weight": s["mlp"].up.weight,
             p + "mlp.down_proj.weight": s["mlp"].down.weight,
@@ -79,7 +79,7 @@ def to_hf_gpt2(model: LM):
           "lm_head.weight": model.head.weight}
     for i, block in enumerate(model.blocks):
         s, p = dict(block.named_children()), f"transformer.h.{i}."
-        a, m = s["attn"], s["mlp"]
+        a, m = s["mixer"], s["mlp"]
         # GPT-2's Conv1D stores weights as (in, out): transpose ours
         sd.update({
             p + "ln_1.weight": s["norm1"].weight, p + "ln_1.bias": s["norm1"].bias,

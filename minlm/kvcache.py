@@ -6,7 +6,8 @@ takes a ``KVCache`` and hands block ``i`` its per-layer view ``cache.layer(i)``:
 
 - attention calls ``update(k, v, positions, key_valid)``: the new keys/values are written into
   a buffer allocated once for ``max_len`` slots, and the layer attends to all slots so far;
-- a recurrent mixer (the MLGRU) reads and writes the view's ``state`` attribute instead.
+- a recurrent mixer (the MLGRU, Mamba, Griffin) reads and writes the view's ``state``
+  attribute instead (any object: a tensor, or a tuple of them).
 
 Rows of a batch may be left-padded: ``positions`` (B, T) give each row its own positions and
 ``key_valid`` marks real tokens (pad slots are never attended to). Positions and validity are
@@ -71,6 +72,9 @@ class KVCache:
         self._row_positions = False  # True once any call gave (B, T) positions
         self._valid_buf: torch.Tensor | None = None  # (B, L), allocated at the first padded call
         self._recorded_until = 0  # slots whose positions/validity are stored (the first layer)
+        # what every layer would otherwise recompute in one decoding step (RoPE tables, ...),
+        # keyed by its maker; emptied when the step ends
+        self.step_memo: dict = {}
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -82,10 +86,12 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+        self.step_memo.clear()
 
     def reset(self) -> None:
         """Forget every token (buffers are kept and overwritten)."""
         self.length = self._recorded_until = 0
+        self.step_memo.clear()
         self._row_positions = False
         if self._valid_buf is not None:
             self._valid_buf.fill_(True)

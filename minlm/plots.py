@@ -36,8 +36,8 @@ def attention_figure(model, tokenizer, text: str, layer: int = 0, max_heads: int
     ids = [tokenizer.bos_id] + tokenizer.encode(text)
     ids = ids[: model.config.block_size]
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    t = model.trace(x, capture=[f"blocks.{layer}.attn.probs"])
-    probs = t.tensors[f"blocks.{layer}.attn.probs"][0].float().cpu()  # (H, T, T)
+    t = model.trace(x, capture=[f"blocks.{layer}.mixer.probs"])
+    probs = t.tensors[f"blocks.{layer}.mixer.probs"][0].float().cpu()  # (H, T, T)
     pieces = [tokenizer.id_to_piece(i) for i in ids]
     n = min(max_heads, probs.shape[0])
     fig = Figure(figsize=(3.2 * n, 3.4))
