@@ -93,6 +93,9 @@ class LM(LoggingModule):
                     p.mul_(shrink)
         if not cfg.tie_embeddings and cfg.init != "normal":
             nn.init.normal_(self.head.weight, 0.0, std)
+        for m in self.modules():  # parameters with their own rules (Mamba's A, Griffin's gates)
+            if hasattr(m, "reset_special_parameters"):
+                m.reset_special_parameters()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters (shared ones counted once); optionally without the embeddings."""

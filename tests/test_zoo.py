@@ -26,7 +26,8 @@ from minlm.modules.position import ALiBi
 from minlm.presets import PRESETS
 from minlm.ternary import checkpoint_sizes, load_packed_model, pack_ternary_model
 
-NEW_PRESETS = ["grok-1m", "alilama-2m", "lillm-39m", "matmulfree-1m", "bitnet-1m", "moe-1m"]
+NEW_PRESETS = ["grok-1m", "alilama-2m", "lillm-39m", "matmulfree-1m", "bitnet-1m", "moe-1m",
+               "mamba-1m", "griffin-1m", "hybrid-1m"]
 FAMILIES = ["gpt2-1m", "llama-1m", *NEW_PRESETS]  # one preset per family
 
 
@@ -34,7 +35,9 @@ def tiny(name: str = "llama-1m", **overrides) -> ModelConfig:
     """A preset shrunk to dim 32, 2 layers, 512 tokens, keeping its family's options."""
     base = PRESETS[name]
     heads, kv = base["n_heads"], base.get("n_kv_heads", 0)
-    shrink = dict(vocab_size=512, dim=32, n_layers=2, block_size=32, n_heads=4, head_dim=0,
+    layouts = base.get("block_spec", "")  # a per-layer list keeps one layer per layout
+    shrink = dict(vocab_size=512, dim=32, block_size=32, n_heads=4, head_dim=0,
+                  n_layers=len(layouts) if isinstance(layouts, list) else 2,
                   n_kv_heads=max(1, 4 * kv // heads) if kv else 0,
                   hidden_dim=64 if base.get("hidden_dim") else 0)
     return ModelConfig.from_preset(name, **{**shrink, **overrides})
@@ -496,7 +499,8 @@ def test_new_preset_builds_runs_and_traces(name):
     text = str(model.trace(idx))
     assert text.splitlines()[1].split()[:2] == ["LM", "LM"]
     expected = {"grok-1m": "MoE", "alilama-2m": "LayerNorm", "lillm-39m": "RoPE",
-                "matmulfree-1m": "MLGRU", "bitnet-1m": "BitLinear", "moe-1m": "experts.7"}[name]
+                "matmulfree-1m": "MLGRU", "bitnet-1m": "BitLinear", "moe-1m": "experts.7",
+                "mamba-1m": "Mamba", "griffin-1m": "Griffin", "hybrid-1m": "Attention"}[name]
     assert expected in text
     assert model.config == ModelConfig.from_json(model.config.to_json())
 

@@ -12,7 +12,9 @@ from minlm.modules.attention import Attention, attention_mask
 from minlm.modules.bitlinear import LINEARS, BitLinear, PackedBitLinear, make_linear
 from minlm.modules.block import (Block, LayoutBlock, Parallel, PreNormBlock, Residual,
                                  layer_layouts, parse_block_spec, uses_moe_step)
+from minlm.modules.griffin import Griffin
 from minlm.modules.kan import KANMLP, KANLinear
+from minlm.modules.mamba import Mamba
 from minlm.modules.mlgru import MLGRU
 from minlm.modules.mlp import MLP
 from minlm.modules.moe import MoE
@@ -61,12 +63,14 @@ __all__ = [
     "KANMLP",
     "LINEARS",
     "MLGRU",
+    "Mamba",
     "MLP",
     "NORMS",
     "ALiBi",
     "Attention",
     "BitLinear",
     "Block",
+    "Griffin",
     "KANLinear",
     "LayoutBlock",
     "LearnedPositions",

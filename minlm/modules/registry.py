@@ -160,14 +160,10 @@ def check_options(options: dict[str, Any], specs: list[MixerSpec]) -> None:
                               f"{kind.__name__} (default {default!r})")
 
 
-def option(cfg, name: str):
-    """A mixer option's value in ``cfg``: ``cfg.mixer_options[name]`` or its declared default."""
-    if name in cfg.mixer_options:
-        return cfg.mixer_options[name]
-    for s in _MIXERS.values():
-        if name in s.options:
-            return s.options[name]
-    raise KeyError(f"no registered mixer declares the option {name!r}")
+def option(cfg, mixer: str, name: str):
+    """Option ``name`` of mixer ``mixer`` in ``cfg``: ``cfg.mixer_options[name]`` or the
+    mixer's declared default."""
+    return cfg.mixer_options.get(name, _MIXERS[mixer].options[name])
 
 
 class TokenMixer(LoggingModule):
