@@ -406,9 +406,12 @@ class ModelConfig(_Serialisable):
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         from minlm.presets import PRESETS
 
+        if overrides.get("experiment"):  # its presets exist once it is loaded
+            registry.load_experiment(overrides["experiment"])
         if name not in PRESETS:
             raise ConfigError(
-                f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}"
+                f"unknown preset {name!r}; available presets: {', '.join(PRESETS)} (an "
+                "experiment adds its own: pass experiment=<name or path>)"
             )
         base = dict(PRESETS[name])
         cls._reject_unknown(overrides)

@@ -45,9 +45,9 @@ class LayerCache:
         if end > c.max_len:
             raise ValueError(f"the KV cache holds {c.max_len} tokens and is full: {start} cached "
                              f"+ {T} new; allocate it with a larger max_len")
-        if self.k is None:
+        if self.k is None:  # values may have their own head count and size (differential attn)
             self.k = k.new_zeros(B, K, c.max_len, D)  # (B, K, L, D)
-            self.v = v.new_zeros(B, K, c.max_len, D)
+            self.v = v.new_zeros(B, v.shape[1], c.max_len, v.shape[-1])
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         c._record(positions, key_valid, start, end, k.device)

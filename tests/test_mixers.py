@@ -150,3 +150,74 @@ def test_declared_flops_match_the_flop_counter(name):
     weights = sum(m.weight.numel() for m in mixer.modules() if isinstance(m, torch.nn.Linear))
     expected = B * T * (2 * weights + MIXERS[name].flops(model.config, T))
     assert counter.get_total_flops() == expected
+
+
+# --- cross-attention (standalone: queries from one sequence, keys/values from another) --------
+
+def test_cross_attention_shapes_mask_and_trace():
+    from minlm.modules import CrossAttention
+
+    torch.manual_seed(0)
+    xattn = CrossAttention(dim=32, n_heads=4, context_dim=24).eval()
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # row 1: the last three context tokens are padding
+    y = xattn(x, context, mask)
+    assert y.shape == (2, 5, 32)
+    changed = context.clone()
+    changed[1, 4:] += 10.0  # padding may hold anything
+    changed_y = xattn(x, changed, mask)
+    assert torch.allclose(y[1], changed_y[1]) and torch.equal(y[0], changed_y[0])
+    assert not torch.allclose(y[1], xattn(x, changed)[1])  # unmasked, padding matters
+    # the same as multi-head attention by hand: softmax(q k^T / sqrt(D)) v
+    q = xattn.q_proj(x[:1]).view(1, 5, 4, 8).transpose(1, 2)
+    k = xattn.k_proj(context[:1]).view(1, 7, 4, 8).transpose(1, 2)
+    v = xattn.v_proj(context[:1]).view(1, 7, 4, 8).transpose(1, 2)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, -1) @ v
+    assert torch.allclose(y[:1], xattn.o_proj(ref.transpose(1, 2).reshape(1, 5, 32)), atol=1e-6)
+    per_query = torch.ones(2, 5, 7, dtype=torch.bool)
+    per_query[:, 0] = False  # query 0 sees nothing: zeros, not NaN
+    assert torch.equal(xattn(x, context, per_query)[:, 0], xattn.o_proj(torch.zeros(2, 32))[:, :])
+    t = xattn.trace(x, context, mask)
+    shapes = {r.path: r.out_shapes[0] for r in t.rows}
+    assert shapes["scores"] == (2, 4, 5, 7) and shapes["k_heads"] == (2, 4, 7, 8)
+
+
+# --- experiments: loaded by name on the command line, recorded in the run folder --------------
+
+def test_experiment_trains_from_the_command_line_and_reloads(tmp_path):
+    """The experiment's mixer is added without editing minlm/: `experiment=diffattn` on the
+    command line registers it; the run folder records it; load_run in a fresh process (where
+    nothing was imported) rebuilds the model and generates."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "minlm", "train", "experiment=diffattn", "mixer=diffattn",
+           "dim=32", "n_layers=2", "n_heads=2", "n_kv_heads=0", "block_size=32",
+           "vocab_size=512", "max_iters=3", "batch_size=4", "eval_interval=3", "eval_iters=1",
+           "max_docs=200", "warmup_iters=1", f"out_dir={tmp_path}", "run_name=diff"]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = (tmp_path / "diff" / "model_config.json").read_text()
+    assert '"experiment": "diffattn"' in saved and '"mixer": "diffattn"' in saved
+    code = ("from minlm.runs import load_run; from minlm.generate import generate; "
+            f"r = load_run({str(tmp_path / 'diff')!r}); "
+            "print(type(r.model.blocks[0].mixer).__name__); "
+            "print(len(generate(r.model, r.tokenizer, 'Once', 5, temperature=0)) >= 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["DiffAttention", "True"]
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    from minlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"experiment='nope' is neither .* available: .*diffattn"):
+        ModelConfig(experiment="nope")
+    with pytest.raises(ConfigError, match=r"unknown preset 'diffattn-2m'.*experiment="):
+        ModelConfig.from_preset("diffattn-2m")

@@ -12,6 +12,7 @@ from minlm.modules.attention import Attention, attention_mask
 from minlm.modules.bitlinear import LINEARS, BitLinear, PackedBitLinear, make_linear
 from minlm.modules.block import (Block, LayoutBlock, Parallel, PreNormBlock, Residual,
                                  layer_layouts, parse_block_spec, uses_moe_step)
+from minlm.modules.cross_attention import CrossAttention
 from minlm.modules.griffin import Griffin
 from minlm.modules.kan import KANMLP, KANLinear
 from minlm.modules.mamba import Mamba
@@ -70,6 +71,7 @@ __all__ = [
     "Attention",
     "BitLinear",
     "Block",
+    "CrossAttention",
     "Griffin",
     "KANLinear",
     "LayoutBlock",
