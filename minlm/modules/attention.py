@@ -102,7 +102,8 @@ class Attention(TokenMixer):
         y = self.merge_heads(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
         return self.o_proj(y)
 
-    def step(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x (B, C) -> (B, C), appending to ``cache``; the same
         computation as ``forward`` with q/k/v projected by one joined product and q and k
         rotated together. ``positions``: (1,) shared or (B, 1) per row."""
@@ -122,7 +123,7 @@ class Attention(TokenMixer):
         v = qkv[:, (H + K) * D:].view(B, K, 1, D)  # (B, K, 1, D)
         k, v, k_pos, valid = cache.update(qk[:, H:], v, positions)  # (B, K, S, D)
         y = self._attend(qk[:, :H], k, v, positions, k_pos, valid)  # (B, H, 1, D)
-        return joint_linear(self, ("o_proj",), y.reshape(B, H * D))  # (B, C)
+        return joint_linear(self, ("o_proj",), y.reshape(B, H * D), residual)  # (B, C)
 
     def _attend(self, q, k, v, q_pos, k_pos, key_valid):
         H, T, S = q.shape[1], q.shape[2], k.shape[2]

@@ -132,10 +132,14 @@ class Parallel(LoggingModule):
         return out
 
 
-def _one(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A position-wise module on one token (B, C): its ``step`` if it has one, else forward."""
+def _one(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """A position-wise module on one token (B, C): its ``step`` if it has one, else forward;
+    plus ``residual`` if given (a channel mixer's ``step`` takes it into its last product)."""
     step = getattr(module, "step", None)
-    return step(x) if step is not None else module(x.unsqueeze(1)).squeeze(1)
+    if step is None:
+        y = module(x.unsqueeze(1)).squeeze(1)
+        return y if residual is None else residual + y
+    return step(x) if residual is None else step(x, residual=residual)
 
 
 class PreNormBlock(LoggingModule):
@@ -152,8 +156,8 @@ class PreNormBlock(LoggingModule):
     def step(self, x: torch.Tensor, positions, cache) -> torch.Tensor:
         """One token per row, x (B, C): the same computation through each module's ``step``."""
         parts = self._modules  # the same children as self.norm1 ..., without nn.Module's lookup
-        x = x + parts["mixer"].step(parts["norm1"].step(x), positions, cache)  # (B, C)
-        return x + _one(parts["mlp"], parts["norm2"].step(x))
+        x = parts["mixer"].step(parts["norm1"].step(x), positions, cache, residual=x)  # x + ...
+        return _one(parts["mlp"], parts["norm2"].step(x), residual=x)
 
 
 class LayoutBlock(LoggingModule):

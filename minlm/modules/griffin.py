@@ -103,7 +103,8 @@ class Griffin(TokenMixer):
             cache.state = (conv_next, h[:, -1])
         return self.o_proj(y * h)
 
-    def step(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C) -> (B, C), O(1) in the context."""
         conv_prev, h = cache.state if cache.state is not None else (None, None)
         E = self.decay.shape[0]
@@ -112,4 +113,4 @@ class Griffin(TokenMixer):
         a, scale = self._gates(xc)
         h = scale * xc if h is None else a * h + scale * xc  # (B, E)
         cache.state = (conv_next, h)
-        return joint_linear(self, ("o_proj",), F.gelu(yx[:, :E]) * h)
+        return joint_linear(self, ("o_proj",), F.gelu(yx[:, :E]) * h, residual)

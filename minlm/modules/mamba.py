@@ -138,7 +138,8 @@ class Mamba(TokenMixer):
         y = (h * Cm.unsqueeze(2)).sum(-1) + self.D * xc  # (B, T, E)
         return self.out_proj(self.gated(y * F.silu(z)))
 
-    def step(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C): the recurrence's single step, O(1) in the context."""
         conv_prev, h = cache.state if cache.state is not None else (None, None)
         xi, z = joint_linear(self, ("in_proj",), x).chunk(2, dim=-1)  # (B, E) each
@@ -150,4 +151,4 @@ class Mamba(TokenMixer):
         h = b if h is None else a * h + b
         cache.state = (conv_next, h)
         y = (h * Cm.unsqueeze(1)).sum(-1) + self.D * xc  # (B, E)
-        return joint_linear(self, ("out_proj",), y * F.silu(z))
+        return joint_linear(self, ("out_proj",), y * F.silu(z), residual)

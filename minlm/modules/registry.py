@@ -175,9 +175,12 @@ class TokenMixer(LoggingModule):
     registry-generated tests prove the override equal to ``forward``.
     """
 
-    def step(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """x (B, C) -> (B, C); ``positions`` (1,) shared or (B, 1) per row."""
-        return self.forward(x.unsqueeze(1), positions=positions, cache=cache).squeeze(1)
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C) -> (B, C), plus ``residual`` (B, C) if given (the block's stream, which a
+        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row."""
+        y = self.forward(x.unsqueeze(1), positions=positions, cache=cache).squeeze(1)
+        return y if residual is None else residual + y
 
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
