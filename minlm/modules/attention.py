@@ -127,16 +127,17 @@ class Attention(TokenMixer):
 
     def _attend(self, q, k, v, q_pos, k_pos, key_valid):
         H, T, S = q.shape[1], q.shape[2], k.shape[2]
-        if k.shape[1] != H and (self.softcap or tracing.enabled()):  # explicit: H heads
-            rep = H // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        plain_causal = (self.alibi is None and not self.window and key_valid is None
-                        and T == S and q_pos.dim() == 1)
         dropout = self.dropout if self.training else 0.0
-        gqa = k.shape[1] != q.shape[1]  # SDPA shares each key/value head without copying it
+        gqa = k.shape[1] != H  # SDPA shares each key/value head without copying it
         if (T == 1 and self.alibi is None and not self.window and key_valid is None
                 and not self.softcap and not tracing.enabled()):  # the newest token sees all
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+        if gqa and (self.softcap or tracing.enabled()):  # the explicit path needs H heads
+            rep = H // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            gqa = False
+        plain_causal = (self.alibi is None and not self.window and key_valid is None
+                        and T == S and q_pos.dim() == 1)
         if self.softcap or tracing.enabled():
             probs = self._explicit_probs(q, k, q_pos, k_pos, key_valid)
             if self.softcap:
