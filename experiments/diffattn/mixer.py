@@ -43,7 +43,9 @@ def _validate(cfg) -> None:
                 options={"diff_lambda_init": 0.0},  # 0: the paper's depth schedule
                 examples={"diff_lambda_init": 0.5},
                 flops=lambda cfg, T: 4 * cfg.n_heads * cfg.head_size * T,  # 2 maps of size d, A V
-                memory=lambda cfg, T: 4 * cfg.n_heads * cfg.head_size + 3 * cfg.n_heads * T)
+                # saved per token: input, q/k/v and outputs (5 H D), both maps and their difference
+                memory=lambda cfg, T: cfg.dim + 5 * cfg.n_heads * cfg.head_size
+                + 3 * cfg.n_heads * T)
 class DiffAttention(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()

@@ -53,9 +53,11 @@ def _flops(cfg, T: int) -> float:
 
 
 def _memory(cfg, T: int) -> float:
-    """Values kept per token: q, k, v, the output, and the probabilities when materialised."""
-    probs = cfg.n_heads * T if cfg.attn_softcap else 0
-    return 2 * cfg.n_heads * cfg.head_size + 2 * cfg.kv_heads * cfg.head_size + probs
+    """Values saved for backward per token: the input, q, k, v, the output (which o_proj
+    reads in place) and its log-sum-exp per head; with soft-capping, the probabilities."""
+    probs = 3 * cfg.n_heads * T if cfg.attn_softcap else 0
+    H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    return cfg.dim + 2 * H * D + 2 * K * D + H + probs
 
 
 @register_mixer(

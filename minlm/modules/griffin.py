@@ -52,7 +52,8 @@ def _validate(cfg) -> None:
 @register_mixer("griffin", state="recurrent", options=OPTIONS, validate=_validate,
                 flops=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1],  # the depthwise conv
                 examples={"d_conv": 2, "width": 24},
-                memory=lambda cfg, T: 10 * _sizes(cfg)[0] * max(1, (T - 1).bit_length()))
+                # saved per token: about 16 E-wide tensors and 3 E per scan doubling
+                memory=lambda cfg, T: _sizes(cfg)[0] * (16 + 3 * (T - 1).bit_length()))
 class Griffin(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()

@@ -84,7 +84,9 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
 
 @register_mixer("mamba", state="recurrent", options=OPTIONS, validate=_validate, flops=_flops,
                 examples={"d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "scan_chunk": 5},
-                memory=lambda cfg, T: 8 * _sizes(cfg)[0] * _sizes(cfg)[1])
+                # saved per token, one position per chunk: decays and states (E N each) and
+                # about 14 E-wide tensors (branches, conv, step sizes, gates)
+                memory=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1] + 14 * _sizes(cfg)[0])
 class Mamba(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()

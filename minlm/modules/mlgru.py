@@ -47,7 +47,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
 
 # flops: none beyond the four projections (gates and scan are element-wise, uncounted by MFU)
 @register_mixer("mlgru", state="recurrent",
-                memory=lambda cfg, T: 6 * cfg.dim * max(1, (T - 1).bit_length()))
+                # saved per token: gates and inputs (6 C) and 3 C per scan doubling
+                memory=lambda cfg, T: cfg.dim * (6 + 3 * (T - 1).bit_length()))
 class MLGRU(TokenMixer):
     """Token mixer with a recurrent state instead of a KV cache.
 
