@@ -71,7 +71,9 @@ class Griffin(TokenMixer):
 
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        """sigma(L)^c uniform in [0.9, 0.999], as the paper initialises the decay."""
+        """sigma(L)^c uniform in [0.9, 0.999], as the paper initialises the decay; the
+        convolution keeps PyTorch's default (std 0.02 on 4 taps would mute the branch)."""
+        self.conv.reset_parameters()
         a = torch.empty_like(self.decay).uniform_(0.9 ** 2, 0.999 ** 2).sqrt()  # a^c targets
         self.decay.copy_(torch.logit(a ** (1 / C_EXPONENT)))
 

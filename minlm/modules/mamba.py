@@ -107,8 +107,10 @@ class Mamba(TokenMixer):
 
     @torch.no_grad()
     def reset_special_parameters(self) -> None:
-        """S4D-real A (decay rates 1..N), D = 1, and step sizes log-uniform in [1e-3, 1e-1]
-        through the inverse softplus of dt_proj's bias, as the paper initialises them."""
+        """S4D-real A (decay rates 1..N), D = 1, step sizes log-uniform in [1e-3, 1e-1]
+        through the inverse softplus of dt_proj's bias, as the paper initialises them, and the
+        convolution's PyTorch default (the model's std 0.02 on 4 taps would mute the branch)."""
+        self.conv.reset_parameters()
         self.A_log.copy_(torch.log(torch.arange(1, self.N + 1, dtype=torch.float32)).expand(self.E, -1))
         self.D.fill_(1.0)
         dt = torch.exp(torch.rand(self.E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
