@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from minlm.errors import ConfigError  # re-exported: minlm.config.ConfigError
 from minlm.modules import registry
+from minlm.modules.block import layout_mixers, uses_moe_step
 
 Position = Literal["rope", "alibi", "learned", "none"]
 Norm = Literal["rmsnorm", "layernorm", "cosinenorm"]
@@ -33,8 +34,6 @@ Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["fp32", "bf16", "auto"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-
-
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -346,8 +345,6 @@ class ModelConfig(_Serialisable):
     def _check_mixers(self) -> None:
         """Names against the registries; each mixer in use validates its options; options of
         mixers no layer uses would silently do nothing, so they are refused."""
-        from minlm.modules.block import layout_mixers, uses_moe_step
-
         if self.experiment:
             registry.load_experiment(self.experiment)
         registry.mixer_spec(self.mixer)

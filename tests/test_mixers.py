@@ -278,3 +278,17 @@ def test_declared_memory_is_within_10_percent_of_what_backward_keeps(name):
     measured = sum(saved.values()) / 4 / (B * T)  # fp32 values per token
     declared = MIXERS[name].memory(model.config, T)
     assert abs(declared - measured) <= 0.1 * measured, (declared, measured)
+
+
+def test_modules_do_not_import_the_config():
+    """config imports the registry to check names; no file of minlm/modules imports config
+    back (anywhere, not only at the top), so neither can import half of the other."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "minlm" / "modules").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n.startswith("minlm.config") for n in names), path.name
+                assert node.module != "minlm" or "config" not in [a.name for a in node.names]
