@@ -30,6 +30,16 @@ class LayerCache:
         self.k: torch.Tensor | None = None  # (B, K, L, D)
         self.v: torch.Tensor | None = None
         self.state = None  # a recurrent mixer's state after the last token, e.g. (B, C)
+        self._slots: dict[int, LayerCache] = {}  # further mixers of the same layer
+
+    def slot(self, i: int) -> LayerCache:
+        """The cache of the layer's mixer number ``i`` (0: this one); a layout with two mixers
+        in one layer gives each its own keys/values or state."""
+        if i == 0:
+            return self
+        if i not in self._slots:
+            self._slots[i] = LayerCache(self.parent)
+        return self._slots[i]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                key_valid: torch.Tensor | None = None):
@@ -96,7 +106,8 @@ class KVCache:
         if self._valid_buf is not None:
             self._valid_buf.fill_(True)
         for layer in self._layers:
-            layer.state = None
+            for part in (layer, *layer._slots.values()):
+                part.state = None
 
     # --- positions and validity, shared by every layer ------------------------------------
     def _record(self, positions: torch.Tensor, key_valid: torch.Tensor | None, start: int,

@@ -292,3 +292,28 @@ def test_modules_do_not_import_the_config():
                 names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
                 assert not any(n.startswith("minlm.config") for n in names), path.name
                 assert node.module != "minlm" or "config" not in [a.name for a in node.names]
+
+
+@pytest.mark.parametrize("mixer, block_spec", [
+    ("mlgru", "norm>mixer>+ norm>mlgru>+ norm>mlp>+"),         # two recurrences in one layer
+    ("attention", "norm>mixer|attention>+ norm>mlp>+"),         # two attentions side by side
+    ("mlgru", "norm>mixer>+ norm>attention>+ norm>mlp>+"),     # a recurrence and attention
+    ("mamba", ["norm>griffin>+ norm>mlp>+", "norm>mixer>+", "norm>attention>+ norm>mlp>+"]),
+])
+def test_layouts_with_several_mixers_decode_like_the_full_forward(mixer, block_spec):
+    """Each mixer of a layer keeps its own cache slot: sharing one, an attention layer and a
+    recurrence (or two attentions) would overwrite each other's keys or state."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama-1m", vocab_size=64, block_size=24, dim=32, n_layers=3,
+                                  n_heads=4, n_kv_heads=2, mixer=mixer, block_spec=block_spec,
+                                  position="learned")
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = torch.randint(0, 64, (2, 7))
+    ref_ids, ref_logits = _stream(model, prompt, 20, use_cache=False)
+    for kw in (dict(fast=True), dict(fast=False)):
+        ids, logits = _stream(model, prompt, 20, **kw)
+        assert (logits - ref_logits).abs().max().item() < 1e-5, kw
+        assert torch.equal(ids, ref_ids), kw

@@ -113,23 +113,36 @@ def _is_mixer(kind: str) -> bool:
 class Parallel(LoggingModule):
     """Runs several branches on one input and sums their outputs."""
 
-    def __init__(self, branches: dict[str, nn.Module], kinds: dict[str, str]):
+    def __init__(self, branches: dict[str, nn.Module], kinds: dict[str, str],
+                 slots: dict[str, int]):
         super().__init__()
         self.branches = nn.ModuleDict(branches)
         self.kinds = kinds  # branch name -> step kind
+        self.slots = slots  # mixer branch name -> its decoding-cache slot in the layer
 
     def forward(self, x: torch.Tensor, **mixer_kwargs) -> torch.Tensor:
         out = 0
         for name, m in self.branches.items():
-            out = out + (m(x, **mixer_kwargs) if _is_mixer(self.kinds[name]) else m(x))
+            if _is_mixer(self.kinds[name]):
+                out = out + m(x, **_in_slot(mixer_kwargs, self.slots[name]))
+            else:
+                out = out + m(x)
         return out
 
     def step(self, x: torch.Tensor, positions, cache) -> torch.Tensor:
         out = 0
         for name, m in self.branches.items():
-            out = out + (m.step(x, positions, cache) if _is_mixer(self.kinds[name])
-                         else _one(m, x))
+            out = out + (m.step(x, positions, cache.slot(self.slots[name]))
+                         if _is_mixer(self.kinds[name]) else _one(m, x))
         return out
+
+
+def _in_slot(mixer_kwargs: dict, slot: int) -> dict:
+    """The mixer arguments with the layer's cache narrowed to the mixer's own slot: two
+    mixers of one layer (a hybrid layout) must not share keys/values or a state."""
+    cache = mixer_kwargs.get("cache")
+    return mixer_kwargs if cache is None or slot == 0 else {**mixer_kwargs,
+                                                            "cache": cache.slot(slot)}
 
 
 def _one(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -166,8 +179,9 @@ class LayoutBlock(LoggingModule):
 
     def __init__(self, layout: list[list[str]], make, layer_idx: int = 0):
         super().__init__()
-        self.plan: list[list[tuple[str, nn.Module]]] = []  # groups of (kind, step module)
+        self.plan: list[list[tuple[str, nn.Module, int]]] = []  # groups of (kind, module, slot)
         counts: dict[str, int] = {}
+        slots = iter(range(1 << 30))  # each mixer of the layer gets its own cache slot
 
         def key_for(kind: str) -> str:
             base = {"+": "add", "parallel": "parallel"}.get(kind, "norm" if kind == "norm"
@@ -181,28 +195,32 @@ class LayoutBlock(LoggingModule):
             plan = []
             for step in group:
                 if "|" in step:
-                    kinds, branches = {}, {}
+                    kinds, branches, branch_slots = {}, {}, {}
                     for part in step.split("|"):
                         name = key_for(part)
                         kinds[name], branches[name] = part, make(part, layer_idx)
-                    module = Parallel(branches, kinds)
+                        if _is_mixer(part):
+                            branch_slots[name] = next(slots)
+                    module = Parallel(branches, kinds, branch_slots)
                     self.add_module(key_for("parallel"), module)
-                    plan.append(("parallel", module))
+                    plan.append(("parallel", module, 0))
                     continue
                 module = Residual() if step == "+" else make(step, layer_idx)
                 self.add_module(key_for(step), module)  # steps are direct children
-                plan.append((step, module))
+                plan.append((step, module, next(slots) if _is_mixer(step) else 0))
             self.plan.append(plan)
 
     def forward(self, x: torch.Tensor, **mixer_kwargs) -> torch.Tensor:
         stream = x
         for group in self.plan:
             h = stream
-            for kind, step in group:
+            for kind, step, slot in group:
                 if kind == "+":
                     h = stream = step(stream, h)
-                elif kind == "parallel" or _is_mixer(kind):
+                elif kind == "parallel":
                     h = step(h, **mixer_kwargs)
+                elif _is_mixer(kind):
+                    h = step(h, **_in_slot(mixer_kwargs, slot))
                 else:
                     h = step(h)
             stream = h
@@ -212,11 +230,13 @@ class LayoutBlock(LoggingModule):
         stream = x  # (B, C): one token per row
         for group in self.plan:
             h = stream
-            for kind, step in group:
+            for kind, step, slot in group:
                 if kind == "+":
                     h = stream = stream + h
-                elif kind == "parallel" or _is_mixer(kind):
+                elif kind == "parallel":
                     h = step.step(h, positions, cache)
+                elif _is_mixer(kind):
+                    h = step.step(h, positions, cache.slot(slot))
                 else:
                     h = _one(step, h)
             stream = h
