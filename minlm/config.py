@@ -356,10 +356,10 @@ class ModelConfig(_Serialisable):
             if spec.validate is not None:
                 spec.validate(self)
         registry.check_options(self.mixer_options, used)
-        why = f"no layer uses {'/'.join(s.name for s in registry.mixers().values() if s.positional)}"
         if self.position in ("rope", "alibi") and not any(s.positional for s in used):
-            _fail("position", self.position, f"{why} (RoPE and ALiBi act inside attention, and "
-                  f"the layers use {', '.join(s.name for s in used)}); use 'none' (a recurrence "
+            _fail("position", self.position, "no layer uses attention or another mixer that "
+                  "reads positions (RoPE and ALiBi act inside attention, and the layers use "
+                  f"{', '.join(s.name for s in used)}); use 'none' (a recurrence "
                   "knows the order) or 'learned'")
         defaults = {f.name: f.default for f in fields(self)}
         in_use = {n for s in used for n in s.config_fields}
