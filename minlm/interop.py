@@ -20,7 +20,7 @@ from minlm.model import LM
 # minlm module (say ``attn`` -> ``mixer``) is one edit here, and both directions follow it.
 BLOCK = "blocks.{i}."
 NORM1, NORM2 = BLOCK + "norm1.", BLOCK + "norm2."
-ATTN = BLOCK + "attn."  # q_proj, k_proj, v_proj, o_proj
+ATTN = BLOCK + "mixer."  # q_proj, k_proj, v_proj, o_proj
 MLP = BLOCK + "mlp."  # gate, up, down
 
 # Hugging Face name -> (how, minlm name, ...); "{i}" is the layer. How: "copy"; "t" (GPT-2's
@@ -62,12 +62,14 @@ GPT2_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 # What a config must hold for each family to mean the same network in transformers.
-_LLAMA_NEEDS = dict(mixer="attention", linear="linear", n_experts=0, position="rope",
+_LLAMA_NEEDS = dict(mixer="attention", mlp="", mixer_options={}, linear="linear", n_experts=0,
+                    position="rope",
                     norm="rmsnorm", norm_affine=True, activation="swiglu",
                     block_spec="norm>attn>+ norm>mlp>+", window=0, qk_norm=False,
                     attn_softcap=0.0, logit_softcap=0.0, attn_bias=False, mlp_bias=False,
                     embed_scale=1.0, tied_blocks={})
-_GPT2_NEEDS = dict(mixer="attention", linear="linear", n_experts=0, position="learned",
+_GPT2_NEEDS = dict(mixer="attention", mlp="", mixer_options={}, linear="linear", n_experts=0,
+                   position="learned",
                    norm="layernorm", norm_affine=True, norm_bias=True, activation="gelu",
                    block_spec="norm>attn>+ norm>mlp>+", window=0, qk_norm=False,
                    attn_softcap=0.0, logit_softcap=0.0, attn_bias=True, mlp_bias=True,

@@ -39,7 +39,7 @@ def attention_probs(model, tokenizer, text: str, layer: int = 0) -> tuple[torch.
         raise ValueError(f"layer={layer} is out of range: the model has layers 0..{n_layers - 1}")
     ids = ([tokenizer.bos_id] + tokenizer.encode(text))[: model.config.block_size]
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    name = f"blocks.{layer}.attn.probs"
+    name = f"blocks.{layer}.mixer.probs"
     probs = model.trace(x, capture=[name]).tensors[name][0].float().cpu()  # (H, T, T)
     return probs, [tokenizer.piece_text(i) for i in ids]
 

@@ -82,6 +82,8 @@ def _cases(root):
         (["train", "dropout=1.5"], r"dropout=1.5 is invalid: must be in \[0, 1\)"),
         (["train", "position=sinusoid"], r"position='sinusoid' is invalid: must be one of"),
         (["train", "block_spec=norm>ffn>+"], r"unknown step 'ffn'; valid steps are"),
+        (["train", "mixer=gru"], r"mixer='gru' is not a registered token mixer; registered: attention"),
+        (["train", "experiment=nope"], r"experiment='nope' is neither a folder of .*available: diffattn"),
         (["train", "device=cuda"], r"device='cuda' is invalid: no CUDA device"),
         (["train", *TINY, out, "run_name=x1", f"data={root / 'missing.txt'}"], r"missing\.txt"),
         (["train", *TINY, out, "run_name=x2", f"data={root / 'empty.txt'}"], r"empty\.txt.*no documents"),

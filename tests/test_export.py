@@ -165,10 +165,10 @@ def _expected_gguf(model) -> dict[str, torch.Tensor]:
     for i, b in enumerate(model.blocks):
         want.update({f"blk.{i}.attn_norm.weight": b.norm1.weight,
                      f"blk.{i}.ffn_norm.weight": b.norm2.weight,
-                     f"blk.{i}.attn_q.weight": b.attn.q_proj.weight,
-                     f"blk.{i}.attn_k.weight": b.attn.k_proj.weight,
-                     f"blk.{i}.attn_v.weight": b.attn.v_proj.weight,
-                     f"blk.{i}.attn_output.weight": b.attn.o_proj.weight,
+                     f"blk.{i}.attn_q.weight": b.mixer.q_proj.weight,
+                     f"blk.{i}.attn_k.weight": b.mixer.k_proj.weight,
+                     f"blk.{i}.attn_v.weight": b.mixer.v_proj.weight,
+                     f"blk.{i}.attn_output.weight": b.mixer.o_proj.weight,
                      f"blk.{i}.ffn_gate.weight": b.mlp.gate.weight,
                      f"blk.{i}.ffn_up.weight": b.mlp.up.weight,
                      f"blk.{i}.ffn_down.weight": b.mlp.down.weight})
