@@ -353,8 +353,8 @@ def test_trace_of_a_transformers_model_shows_the_same_shapes_as_minlm():
         theirs(idx)
     mine = ours.trace(idx)
     assert t.rows[0].module == "LlamaForCausalLM" and t.rows[0].params == ours.num_params()
-    pairs = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
-             "self_attn.o_proj": "attn.o_proj", "mlp.gate_proj": "mlp.gate",
+    pairs = {"self_attn.q_proj": "mixer.q_proj", "self_attn.k_proj": "mixer.k_proj",
+             "self_attn.o_proj": "mixer.o_proj", "mlp.gate_proj": "mlp.gate",
              "mlp.down_proj": "mlp.down", "lm_head": "head"}
     for hf_path, our_path in pairs.items():
         hf_rows, our_rows = t.find(hf_path), mine.find(our_path)
