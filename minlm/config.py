@@ -54,6 +54,13 @@ class _Serialisable:
             if not ok(getattr(self, name)):
                 _fail(name, getattr(self, name), rule)
 
+    def _require_finite(self) -> None:
+        """Reject NaN and infinity in every float field (they pass every range check)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f.name, value, "must be a finite number")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -422,14 +429,23 @@ class TrainConfig(_Serialisable):
     max_docs: int = 0  # use only the first N documents (0 = all); handy for quick experiments
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     verbose: bool = True
+    epochs: float = 0.0  # > 0: train this many passes over the training tokens (sets max_iters)
+    init_from: str = ""  # a run (name or folder) whose weights this new run starts from
+    keep_best: bool = False  # also keep the best evaluation's weights (model-best.safetensors)
+    patience: int = 0  # stop after this many evaluations in a row above the best; 0: never
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._require_finite()
         self._require(("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
                        "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"),
                       lambda v: v >= 1, "must be a positive integer")
-        self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs"),
+        self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs",
+                       "epochs", "patience"),
                       lambda v: v >= 0, "must be >= 0")
+        if self.init_from and self.resume:
+            raise ConfigError(f"init_from={self.init_from!r} starts a new run from another run's "
+                              "weights and resume=true continues this one; pick one")
         self._require(("lr",), lambda v: v > 0, "must be > 0")
         self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")

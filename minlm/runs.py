@@ -25,9 +25,16 @@ from minlm.config import ModelConfig, TrainConfig
 from minlm.fileio import atomic_path, atomic_write_text
 from minlm.model import LM
 
+# The log's columns, for every kind of training (fine-tuning adds its own after these):
+# step, tokens (processed so far), elapsed_s (wall clock, summed over resumes), lr,
+# train_loss (mean over the step's micro-batches; without the MoE aux term), val_loss and
+# val_bpb (at evaluations), tokens_per_s (since the previous row), grad_norm (before
+# clipping), mfu (model FLOPs utilisation where the peak is known), aux_loss (MoE load
+# balance), train_bpb (train_loss in bits per byte of the training text).
 LOG_COLUMNS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb",
-               "tokens_per_s", "grad_norm", "mfu", "aux_loss"]
+               "tokens_per_s", "grad_norm", "mfu", "aux_loss", "train_bpb"]
 WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "model-best.safetensors"  # keep_best=true: the best evaluation's weights
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 REQUIRED_FILES = ("model_config.json", "train_config.json", WEIGHTS)
 
@@ -83,7 +90,8 @@ def save_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
     atomic_write_text(run_dir / "train_config.json", json.dumps(payload, indent=2) + "\n")
 
 
-def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None) -> None:
+def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,
+                 filename: str = WEIGHTS) -> None:
     """Weights of the unwrapped model in safetensors (shared tensors, e.g. a tied head, once).
 
     ``state_dict`` (e.g. gathered from FSDP shards) is loaded into a CPU copy first."""
@@ -95,7 +103,7 @@ def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None) -> No
     if state_dict is not None and sharded:
         model = LM(model.config)
         model.load_state_dict(state_dict)
-    with atomic_path(run_dir / WEIGHTS) as tmp:
+    with atomic_path(run_dir / filename) as tmp:
         save_model(model, str(tmp))
 
 
@@ -122,11 +130,12 @@ def write_log(run_dir: Path, rows: list[dict], columns: list[str] | None = None)
     atomic_write_text(run_dir / "log.csv", buf.getvalue())
 
 
-def append_log_row(run_dir: Path, row: dict) -> None:
+def append_log_row(run_dir: Path, row: dict, columns: list[str] | None = None) -> None:
     """Append one row as it happens, for anyone watching; checkpoints rewrite the whole file."""
+    columns = columns or LOG_COLUMNS
     with open(Path(run_dir) / "log.csv", "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore").writerow(
-            {k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(
+            {k: _fmt(row.get(k)) for k in columns})
 
 
 def _fmt(v: Any) -> Any:
