@@ -69,6 +69,7 @@ def cmd_train(args) -> None:
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
     result = train(model_cfg, train_cfg)
     print(result)
+    return result.exit_code  # non-zero for a failed, interrupted or terminated run
 
 
 def cmd_search(args) -> None:
@@ -244,15 +245,17 @@ def _finetune(args, kind: str) -> None:
     cfg = cls().with_overrides(args.overrides)
     if args.data:
         cfg = cfg.replace(data=args.data)
-    print(fn(args.run, config=cfg))
+    result = fn(args.run, config=cfg)
+    print(result)
+    return result.exit_code  # non-zero for a failed, interrupted or terminated run
 
 
-def cmd_sft(args) -> None:
-    _finetune(args, "sft")
+def cmd_sft(args) -> int:
+    return _finetune(args, "sft")
 
 
-def cmd_dpo(args) -> None:
-    _finetune(args, "dpo")
+def cmd_dpo(args) -> int:
+    return _finetune(args, "dpo")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -413,4 +416,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
-    return 0
+    return code or 0

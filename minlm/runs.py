@@ -8,6 +8,7 @@ exact resume. Every file is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -103,7 +104,7 @@ def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,
     if state_dict is not None and sharded:
         model = LM(model.config)
         model.load_state_dict(state_dict)
-    with atomic_path(run_dir / filename) as tmp:
+    with atomic_path(run_dir / filename) as tmp, _write_errors(run_dir / filename):
         save_model(model, str(tmp))
 
 
@@ -172,6 +173,23 @@ def _parse(v: str) -> Any:
         return float(v)
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path):
+    """torch.save and safetensors report a failed write (a full disk, a file-size limit) as
+    RuntimeError ("enforce fail at inline_container.cc") or SafetensorError; turn those into
+    an OSError that names the file and the free space, as a plain write would."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - narrowed just below
+        if not isinstance(e, RuntimeError) and type(e).__name__ != "SafetensorError":
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"could not write {path} ({free / 2**20:.1f} MiB free there): "
+                      f"{str(e).splitlines()[0][:200]}") from None
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -186,7 +204,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     path = run_dir / f"checkpoint-{step:08d}.pt"
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _write_errors(path):
         torch.save(state, tmp)
     for _, old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
