@@ -54,10 +54,10 @@ def cmd_train(args) -> None:
     from pathlib import Path
 
     from minlm.config import ModelConfig, TrainConfig
-    from minlm.runs import read_configs
+    from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import train
 
-    model_items, train_items = split_overrides(args.overrides)
+    model_items, train_items = split_overrides(_settings(args))
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
@@ -67,6 +67,11 @@ def cmd_train(args) -> None:
     else:
         model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
+    if train_cfg.init_from and args.preset is None:  # a continuation keeps the parent's model
+        model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir))[0]
+        model_cfg = model_cfg.with_overrides(model_items)
+    if args.dry_run:
+        return _dry_run(model=model_cfg, train=train_cfg)
     result = train(model_cfg, train_cfg)
     print(result)
     return result.exit_code  # non-zero for a failed, interrupted or terminated run
@@ -242,9 +247,11 @@ def _finetune(args, kind: str) -> None:
 
     cls, fn = (finetune.SFTConfig, finetune.sft) if kind == "sft" else (finetune.DPOConfig,
                                                                           finetune.dpo)
-    cfg = cls().with_overrides(args.overrides)
+    cfg = cls().with_overrides(_settings(args))
     if args.data:
         cfg = cfg.replace(data=args.data)
+    if args.dry_run:
+        return _dry_run(**{kind: cfg})
     result = fn(args.run, config=cfg)
     print(result)
     return result.exit_code  # non-zero for a failed, interrupted or terminated run
@@ -289,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "set as key=value, e.g. max_iters=500 lr=1e-3 dim=192.")
     tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
     tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
 
     se = sub.add_parser("search", help="grid search over config fields, with a memory budget "
@@ -388,8 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
                        f"$MINLM_DATA_DIR (default {default})")
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
+        _add_config_args(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     return p
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="a JSON or YAML file of settings; key=value "
+                   "overrides apply on top (the seed projects' names are accepted too)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings as JSON and stop")
+
+
+def _settings(args) -> list[str]:
+    """The --config file's settings, then the command line's, keys in our spelling."""
+    from minlm.settings import canonical_item, read_config_file
+
+    items = (read_config_file(args.config) if getattr(args, "config", None) else [])
+    return [canonical_item(i) for i in items + list(args.overrides)]
+
+
+def _dry_run(**configs) -> int:
+    import json
+
+    print(json.dumps({k: v.to_dict() for k, v in configs.items()}, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
