@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from minlm import distributed, runs
+from minlm import distributed, memory, runs
 from minlm.config import ModelConfig, TrainConfig
 from minlm.flops import flops_per_token, peak_flops
 from minlm.optim import lr_at, set_lr
@@ -223,7 +223,7 @@ class Engine:
         model_state = distributed.full_state_dict(self.model, self.dist, self.cfg.fsdp)
         if not self.dist.is_main:
             return True
-        problem = runs.disk_space_problem(self.run_dir, self.model)
+        problem = memory.disk_space_problem(self.run_dir, self.model)
         if problem:
             self.fail(f"not saving a checkpoint at step {self.step}: {problem}")
             return False
@@ -380,9 +380,9 @@ class Engine:
                                    if self.first_val else {})})
                 self._loop(bar)
             except (RuntimeError, MemoryError) as e:
-                if not runs.is_out_of_memory(e):
+                if not memory.is_out_of_memory(e):
                     raise
-                raise MemoryError(runs.oom_message(self.model, cfg, self.model_cfg)) from None
+                raise MemoryError(memory.oom_message(self.model, cfg, self.model_cfg)) from None
             finally:
                 bar.close()
             return self._finish()

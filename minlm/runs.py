@@ -24,6 +24,7 @@ import torch
 
 from minlm.config import ModelConfig, TrainConfig
 from minlm.fileio import atomic_path, atomic_write_text
+from minlm.memory import estimate_params  # noqa: F401 - kept importable from runs
 from minlm.model import LM
 
 # The log's columns, for every kind of training (fine-tuning adds its own after these):
@@ -231,63 +232,6 @@ def load_checkpoint(run_dir: Path, log=print) -> dict:
             log(f"resuming from {path.name} (step {step})")
         return state
     raise RunError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
-
-
-def checkpoint_bytes(model: LM) -> int:
-    """About what a checkpoint takes: fp32 weights plus two AdamW moments."""
-    return 3 * 4 * model.num_params()
-
-
-def disk_space_problem(run_dir: Path, model: LM) -> str:
-    """Why a checkpoint cannot be written safely now, or "" if it can (room for two copies)."""
-    need = 2 * checkpoint_bytes(model) + 4 * model.num_params() + (1 << 20)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        return (f"not enough disk space in {run_dir}: a checkpoint needs about "
-                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
-    return ""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for a new run: free GPU memory, or available RAM on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every OS reports it
-        return 1 << 62
-
-
-def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse, before allocating anything, a run whose estimate exceeds the memory free."""
-    from minlm.memory import estimate_training_bytes
-
-    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
-    free = available_memory(device)
-    if est > free:
-        raise MemoryError(oom_message(None, train_cfg, model_cfg) + f"; {free / 2**30:.2f} GiB "
-                          f"are free on {device}")
-
-
-def oom_message(model: LM | None, train_cfg: TrainConfig, model_cfg: ModelConfig) -> str:
-    from minlm.memory import estimate_training_bytes
-
-    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
-    n = model.num_params() if model is not None else estimate_params(model_cfg)
-    return (f"out of memory training {n:,} parameters at batch_size="
-            f"{train_cfg.batch_size}, block_size={model_cfg.block_size} (estimated "
-            f"{est / 2**30:.2f} GiB); try batch_size={max(1, train_cfg.batch_size // 2)} with "
-            f"grad_accum_steps={train_cfg.grad_accum_steps * 2}, or a smaller block_size")
-
-
-def estimate_params(cfg: ModelConfig) -> int:
-    with torch.device("meta"):
-        return LM(cfg).num_params()
 
 
 # --- reading -------------------------------------------------------------------------------

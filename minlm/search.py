@@ -266,8 +266,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     """
     from tqdm.auto import tqdm
 
-    from minlm.memory import estimate_training_bytes
-    from minlm.runs import estimate_params
+    from minlm.memory import estimate_params, estimate_training_bytes
     from minlm.train import resolve_device
 
     if not candidates:

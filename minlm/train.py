@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from minlm import distributed, runs
+from minlm import distributed, memory, runs
 from minlm.config import ConfigError, ModelConfig, TrainConfig
 from minlm.data import prepare
 from minlm.engine import Engine, StopFlag
@@ -126,7 +126,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     if not main:  # only rank 0 talks and writes
         say = lambda *a, **k: None  # noqa: E731
     bf16 = use_bf16(cfg.precision, device)
-    runs.check_memory(model_cfg, cfg, device)  # before any work: fail in a second
+    memory.check_memory(model_cfg, cfg, device)  # before any work: fail in a second
     parent = _init_from(model_cfg, cfg) if cfg.init_from else None
     if parent is not None and not cfg.tokenizer:
         tok_path = runs.find_tokenizer_file(parent.path)
