@@ -221,7 +221,7 @@ def _record_train_config(parent_cfg, cfg: _TuneConfig, run_dir: Path, data_path:
     """The engine's settings for this fine-tune, as train_config.json holds them (so the folder
     reads like any run; the full fine-tuning config is in meta.finetune)."""
     return parent_cfg.replace(
-        run_name=run_dir.name, out_dir=str(run_dir.parent), data=str(data_path), tokenizer="",
+        run_name=run_dir.name, out_dir=str(run_dir.parent), data=cfg.data, tokenizer="",
         max_iters=max(1, planned), max_minutes=0.0, epochs=0.0, batch_size=cfg.batch_size,
         grad_accum_steps=1, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
         warmup_iters=cfg.warmup_iters, schedule="cosine", optimizer="adamw",
@@ -236,7 +236,7 @@ def _record_train_config(parent_cfg, cfg: _TuneConfig, run_dir: Path, data_path:
 
 def _check_resume(run_dir: Path, cfg: _TuneConfig) -> None:
     saved = runs.read_configs(run_dir)[2].get("finetune", {})
-    given = cfg.to_dict()
+    given = runs.portable(cfg.to_dict())  # as the saved record has it
     diffs = [f"{k}: saved {saved[k]!r}, given {v!r}" for k, v in given.items()
              if k not in RESUME_FREE and k in saved and saved[k] != v]
     if diffs:
@@ -289,6 +289,7 @@ def finetune(kind: str, run, cfg: _TuneConfig, stop: StopFlag | None = None,
                 "lora": ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "layers": lora_layers,
                           "merged": True} if cfg.lora_rank else None),
                 "tokenizer_hash": tokenizer.hash, "data_meta": {"path": str(data_path), **data_meta},
+                "data_files": runs.data_files([data_path]),
                 "device": str(device), "bf16": bf16, "hardware": runs.hardware(device),
                 "versions": runs.library_versions(), "status": "training"}
         engine = Engine(model, optimizer, objective, train_cfg, folder, model_cfg, meta,

@@ -87,9 +87,59 @@ def hardware(device: torch.device) -> str:
 
 def save_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  meta: dict[str, Any]) -> None:
+    """Both configs, portable: no output folder, no absolute path (see ``portable``)."""
     model_cfg.to_json(run_dir / "model_config.json")
-    payload = {**train_cfg.to_dict(), "meta": meta}
+    train = {k: v for k, v in train_cfg.to_dict().items() if k != "out_dir"}
+    payload = portable({**train, "meta": meta})
     atomic_write_text(run_dir / "train_config.json", json.dumps(payload, indent=2) + "\n")
+
+
+def portable(value: Any, data_root: Path | None = None) -> Any:
+    """``value`` (JSON-like) with every absolute path made machine-independent: a file under
+    the data directory becomes its path relative to it, any other its name alone. A run
+    folder is copied and shared; the machine that trained it should not show in it."""
+    if isinstance(value, dict):
+        return {k: portable(v, data_root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, data_root) for v in value]
+    if not isinstance(value, str) or not os.path.isabs(value) or any(c.isspace() for c in value):
+        return value
+    from minlm.data import data_dir  # lazy: data imports the tokenizer stack
+
+    root = (data_root or data_dir()).resolve()
+    path = Path(value)
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def absolute_paths(value: Any) -> list[str]:
+    """The absolute paths inside a JSON-like value (what ``portable`` removes)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in absolute_paths(v)]
+    if isinstance(value, str) and os.path.isabs(value) and not any(c.isspace() for c in value):
+        return [value]
+    return []
+
+
+def data_files(paths: list[str | os.PathLike], hash_limit: int = 1 << 30) -> list[dict]:
+    """What a run read: each file relative to the data directory, its size and sha256 (files
+    over ``hash_limit`` bytes are not hashed: hashing a huge corpus at every start costs more
+    than the record is worth)."""
+    import hashlib
+
+    out = []
+    for p in map(Path, paths):
+        size = p.stat().st_size
+        digest = None
+        if size <= hash_limit:
+            with open(p, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        out.append({"path": portable(str(p.resolve())), "bytes": size, "sha256": digest})
+    return out
 
 
 def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,

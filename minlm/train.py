@@ -89,7 +89,8 @@ def _check_resume_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: Trai
     diffs = [f"{k}: saved {v!r}, given {getattr(model_cfg, k)!r}"
              for k, v in saved_model.to_dict().items() if getattr(model_cfg, k) != v]
     diffs += [f"{k}: saved {getattr(saved_train, k)!r}, given {getattr(train_cfg, k)!r}"
-              for k in RESUME_FIXED if getattr(saved_train, k) != getattr(train_cfg, k)]
+              for k in RESUME_FIXED  # the saved record is portable: compare it so
+              if getattr(saved_train, k) != runs.portable(getattr(train_cfg, k))]
     if diffs:
         raise runs.RunError(f"cannot resume {run_dir.name!r}: the config differs from the saved "
                             "run (" + "; ".join(diffs) + ")")
@@ -105,6 +106,11 @@ def _init_from(model_cfg: ModelConfig, cfg: TrainConfig):
                           f"parent run's ({'; '.join(diffs)}); leave the model settings as the "
                           "parent's (the command line reads them from the parent)")
     return parent
+
+
+def _data_files(shards_meta: dict) -> list[dict]:
+    files = [f[0] for f in shards_meta.get("key", {}).get("files", []) if Path(f[0]).is_file()]
+    return runs.data_files(files)
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None = None,
@@ -168,7 +174,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
             fwd = torch.compile(fwd)
         meta = {"params": model.num_params(), "params_non_embedding": model.num_params(True),
                 "tokenizer_path": str(tok_path), "tokenizer_hash": tokenizer.hash,
-                "data_meta": shards.meta, "device": str(device), "bf16": bf16,
+                "data_meta": shards.meta, "data_files": _data_files(shards.meta), "device": str(device), "bf16": bf16,
                 "hardware": runs.hardware(device), "world_size": dist.world,
                 "versions": runs.library_versions(), "status": "training",
                 **({"parent": parent.name} if parent is not None else {})}

@@ -93,6 +93,9 @@ def test_one_engine_trains_each_objective_with_one_log_format(kind, tmp_path):
     assert list(log.columns[:len(runs.LOG_COLUMNS)]) == runs.LOG_COLUMNS
     assert log["train_loss"].dropna().map(math.isfinite).all() and result.step > 0
     assert runs.list_checkpoints(result.run_dir)  # every objective checkpoints
+    saved = json.loads((result.run_dir / "train_config.json").read_text())
+    assert "out_dir" not in saved and runs.absolute_paths(saved) == []  # the folder travels
+    assert saved["meta"]["data_files"][0]["sha256"]
     if kind == "pretrain":
         assert log["train_bpb"].dropna().gt(0).all() and len(log["train_bpb"].dropna())
 
