@@ -433,6 +433,7 @@ class TrainConfig(_Serialisable):
     init_from: str = ""  # a run (name or folder) whose weights this new run starts from
     keep_best: bool = False  # also keep the best evaluation's weights (model-best.safetensors)
     patience: int = 0  # stop after this many evaluations in a row above the best; 0: never
+    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (comma-separated)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -443,6 +444,7 @@ class TrainConfig(_Serialisable):
         self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs",
                        "epochs", "patience"),
                       lambda v: v >= 0, "must be >= 0")
+        logger_names(self.logger)
         if self.init_from and self.resume:
             raise ConfigError(f"init_from={self.init_from!r} starts a new run from another run's "
                               "weights and resume=true continues this one; pick one")
@@ -462,6 +464,19 @@ class TrainConfig(_Serialisable):
             raise ConfigError("resume=True and overwrite=True contradict each other; pick one")
         if self.run_name and (os.sep in self.run_name or self.run_name in (".", "..")):
             _fail("run_name", self.run_name, "must be a plain folder name without path separators")
+
+
+LOGGERS = ("tensorboard", "mlflow")  # see minlm.loggers
+
+
+def logger_names(spec: str) -> list[str]:
+    """The loggers a ``logger=`` setting names; an unknown name is a ConfigError."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"logger={spec!r} is invalid: {', '.join(unknown)} is not one of "
+                          f"{', '.join(LOGGERS)} (comma-separated; empty: log.csv only)")
+    return names
 
 
 def _divisors(n: int) -> list[int]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from minlm import distributed, memory, runs
 from minlm.config import ModelConfig, TrainConfig
 from minlm.flops import flops_per_token, peak_flops
+from minlm.loggers import make_loggers
 from minlm.optim import lr_at, set_lr
 from minlm.runfolder import RunFolder
 
@@ -159,6 +160,7 @@ class Engine:
         self.flops_per_token = flops_per_token(model_cfg)
         self.peak_flops = peak_flops(self.device, bf16)
         self.budget_reason = f"time budget of {cfg.max_minutes} min reached"
+        self.loggers: list = []  # TensorBoard / MLflow, opened when the run starts
 
     @property
     def run_dir(self) -> Path:
@@ -308,6 +310,8 @@ class Engine:
                 runs.append_log_row(self.run_dir, row, self.columns)
             except OSError as e:  # the log is rewritten whole at the next checkpoint
                 self.say(f"could not append to log.csv: {e}")
+        for logger in self.loggers:
+            logger.log(row)
         for cb in self.callbacks:
             cb(row)
 
@@ -367,6 +371,9 @@ class Engine:
                    unit="step", disable=not (cfg.verbose and self.dist.is_main),
                    dynamic_ncols=True, desc=self.folder.final.name)
         self.model.train()
+        if self.dist.is_main and cfg.logger:
+            settings = runs.portable({**self.model_cfg.to_dict(), **cfg.to_dict()})
+            self.loggers = make_loggers(cfg.logger, self.run_dir, self.folder.final.name, settings)
         with self._signals():
             try:
                 if obj.eval_at_start and not self.resumed:
@@ -385,7 +392,11 @@ class Engine:
                 raise MemoryError(memory.oom_message(self.model, cfg, self.model_cfg)) from None
             finally:
                 bar.close()
-            return self._finish()
+            try:
+                return self._finish()
+            finally:
+                for logger in self.loggers:
+                    logger.close(self.meta.get("status", "failed"))
 
     def _loop(self, bar) -> None:
         cfg, obj = self.cfg, self.objective

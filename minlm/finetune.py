@@ -37,7 +37,7 @@ from minlm.chatdata import (
     read_preferences,
     resolve_chat_file,
 )
-from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable
+from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable, logger_names
 from minlm.engine import Engine, StopFlag
 from minlm.lora import (  # noqa: F401 - re-exported: the public fine-tuning API
     LoRALinear,
@@ -101,6 +101,7 @@ class _TuneConfig(_Serialisable):
     checkpoint_interval: int = 50  # steps between checkpoints (also at the end)
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # stop as failed after this many non-finite steps in a row
+    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (see minlm.loggers)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -108,6 +109,7 @@ class _TuneConfig(_Serialisable):
         self._require(("epochs", "batch_size", "log_interval", "checkpoint_interval",
                        "keep_checkpoints", "max_bad_steps"), lambda v: v >= 1,
                       "must be a positive integer")
+        logger_names(self.logger)
         if self.resume and self.overwrite:
             raise ConfigError("resume=True and overwrite=True contradict each other; pick one")
         self._require(("max_steps", "warmup_iters", "max_val", "eval_interval", "patience",
@@ -228,7 +230,8 @@ def _record_train_config(parent_cfg, cfg: _TuneConfig, run_dir: Path, data_path:
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         eval_interval=cfg.eval_interval or max(1, planned), log_interval=cfg.log_interval,
         checkpoint_interval=cfg.checkpoint_interval, keep_checkpoints=cfg.keep_checkpoints,
-        max_bad_steps=cfg.max_bad_steps, patience=cfg.patience, keep_best=False, init_from="",
+        max_bad_steps=cfg.max_bad_steps, patience=cfg.patience, logger=cfg.logger,
+        keep_best=False, init_from="",
         seed=cfg.seed, device=cfg.device, precision=cfg.precision, compile=False, fsdp=False,
         resume=cfg.resume, overwrite=cfg.overwrite, max_docs=cfg.max_examples,
         val_fraction=cfg.val_fraction, verbose=cfg.verbose)
