@@ -23,19 +23,11 @@ from minlm.runfolder import RunFolder
 from minlm.tokenizer import load_tokenizer
 from minlm.train import StopFlag, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "shard_cache")
 
 CONVS = [[{"role": "user", "content": f"What colour is the {thing}?"},
           {"role": "assistant", "content": f"The {thing} is {colour}."}]
          for thing, colour in [("sky", "blue"), ("grass", "green"), ("sun", "yellow")]] * 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shard_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MINLM_CACHE_DIR", str(tmp_path_factory.mktemp("shards")))
-    yield
-    mp.undo()
 
 
 def model_cfg(**kw) -> ModelConfig:
