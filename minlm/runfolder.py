@@ -1,9 +1,10 @@
 """Opening a run folder for training: one writer at a time, and nothing lost on overwrite.
 
 A run holds an exclusive lock (``fcntl.flock`` on ``<out_dir>/.<run>.lock``) from before it
-touches the folder until it exits. The kernel drops the lock when its process dies, however
-it dies, so a lock left by a killed run is stale by construction: the next run takes it over
-and says so. The pid written into the lock file names the holder in the refusal message.
+touches the folder until it exits, and removes the file as it lets go. The kernel drops the
+lock when its process dies, however it dies, so a lock file left by a killed run is stale by
+construction: the next run takes it over and says so. The pid written into the lock file
+names the holder in the refusal message.
 
 ``overwrite=true`` does not delete the old run up front: the new run writes into a staging
 folder beside it and only replaces the old one once it has saved its first good checkpoint
@@ -12,6 +13,7 @@ folder beside it and only replaces the old one once it has saved its first good 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -68,16 +70,23 @@ class RunFolder:
         return folder
 
     def _lock(self) -> int:
-        lock_path = self.final.parent / f".{self.final.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        self._lock_path = self.final.parent / f".{self.final.name}.lock"
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunError(f"run {self.final.name!r} in {self.final.parent} is in use by "
+                               f"another training (process {holder or '?'}); wait for it to "
+                               "finish, stop it, or choose another run_name") from None
+            try:  # a holder that released meanwhile removed the file: lock the new one
+                if os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunError(f"run {self.final.name!r} in {self.final.parent} is in use by another "
-                           f"training (process {holder or '?'}); wait for it to finish, stop it, "
-                           "or choose another run_name") from None
         previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
         if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
             self.say(f"taking over a stale lock on {self.final.name!r} left by process "
@@ -106,5 +115,7 @@ class RunFolder:
 
     def release(self) -> None:
         if self._lock_fd is not None:
+            with contextlib.suppress(OSError):  # removed while held, so no one locks a stale file
+                os.unlink(self._lock_path)
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None

@@ -46,7 +46,7 @@ def _cases(root):
         (["train", "--preset", "llama-9m"], r"unknown preset 'llama-9m'; available presets: "),
         (["train", "dim=100", "n_heads=8"], r"dim=100 is not divisible by n_heads=8"),
         (["train", "lr=-1"], r"lr=-1.0 is invalid: must be > 0"),
-        (["train", "learning_rate=1e-3"], r"unknown setting 'learning_rate'; model settings: vocab_size"),
+        (["train", "learn_rate=1e-3"], r"unknown setting 'learn_rate'; model settings: vocab_size"),
         (["train", "lr"], r"override 'lr' is not of the form key=value"),
         (["train", "n_layers=four"], r"n_layers='four' is invalid: must be an integer"),
         (["train", "resume=true", "overwrite=true"], r"resume=True and overwrite=True contradict"),
