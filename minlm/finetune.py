@@ -59,7 +59,7 @@ from minlm.objectives import (  # noqa: F401 - re-exported: the public fine-tuni
 )
 from minlm.optim import make_optimizer
 from minlm.runfolder import RunFolder
-from minlm.train import resolve_device, use_bf16
+from minlm.train import resolve_device, saved_note, use_bf16
 
 # ---------------------------------------------------------------------------------------
 # configs
@@ -182,7 +182,7 @@ class FinetuneResult:
         why = f" ({self.stopped})" if self.stopped else ""
         failed = "FAILED: " if self.status.startswith("failed") else ""
         return (f"{failed}{self.kind} run {self.run_dir}: {self.step} steps, {self.epochs:.2f} "
-                f"epochs{why}{figures}{extra}")
+                f"epochs{why}{figures}{extra}{saved_note(self)}")
 
 
 # fine-tuning settings a resumed run may change: they do not decide what is trained on

@@ -54,7 +54,14 @@ class TrainResult:
         why = f" ({self.stopped})" if self.stopped else ""
         failed = "FAILED: " if self.status.startswith("failed") else ""
         return (f"{failed}run {self.run_dir}: step {self.step}, {self.tokens:,} tokens, "
-                f"{self.elapsed_s / 60:.1f} min{why}; {figures}")
+                f"{self.elapsed_s / 60:.1f} min{why}; {figures}{saved_note(self)}")
+
+
+def saved_note(result) -> str:
+    """What an interrupted run (exit 130 / 143) kept: its checkpoint, and how to go on."""
+    if result.exit_code not in (130, 143):
+        return ""
+    return f"; checkpoint of step {result.step} saved, continue with resume=true"
 
 
 def resolve_device(name: str) -> torch.device:

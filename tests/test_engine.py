@@ -156,7 +156,8 @@ def _launch(tmp_path, *extra):
 def test_two_trainings_into_one_folder_and_ctrl_c(tmp_path):
     """Two processes started together with one run_name: one trains, the other stops at once
     with a clear message. Ctrl-C then ends the trainer with 130, its state saved."""
-    a, b = _launch(tmp_path, "max_iters=100000"), _launch(tmp_path, "max_iters=100000")
+    a, b = (_launch(tmp_path, "max_iters=100000", "verbose=false"),
+            _launch(tmp_path, "max_iters=100000", "verbose=false"))
     log = tmp_path / "same" / "log.csv"
     deadline = time.time() + 120
     while time.time() < deadline and (a.poll() is None and b.poll() is None):
@@ -169,7 +170,7 @@ def test_two_trainings_into_one_folder_and_ctrl_c(tmp_path):
     winner.send_signal(signal.SIGINT)
     out = winner.communicate(timeout=120)[0]
     assert winner.returncode == 130, out
-    assert "interrupted (Ctrl-C)" in out and "resume with resume=true" in out
+    assert "interrupted (Ctrl-C)" in out and "saved, continue with resume=true" in out
     meta = runs.read_configs(tmp_path / "same")[2]
     assert meta["status"].startswith("stopped at step") and runs.list_checkpoints(tmp_path / "same")
 
