@@ -280,6 +280,7 @@ class ModelConfig(_Serialisable):
     def __post_init__(self) -> None:
         self.tied_blocks = {str(k): int(v) for k, v in dict(self.tied_blocks).items()}
         self._check_types()
+        self._require_finite()
         for name in ("vocab_size", "block_size", "dim", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be a positive integer")

@@ -107,7 +107,7 @@ def test_non_finite_losses_fail_the_run_the_same_way(kind, tmp_path):
 
 @pytest.mark.parametrize("cls,field", [(TrainConfig, "lr"), (TrainConfig, "max_minutes"),
                                        (TrainConfig, "grad_clip"), (SFTConfig, "lr"),
-                                       (DPOConfig, "beta")])
+                                       (DPOConfig, "beta"), (ModelConfig, "norm_eps")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_settings_are_rejected(cls, field, value):
     with pytest.raises(ConfigError, match=f"{field}={value!r} is invalid: must be a finite number"):
