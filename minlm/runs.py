@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from minlm.config import ModelConfig, TrainConfig
+from minlm.data import data_dir
 from minlm.fileio import atomic_path, atomic_write_text
 from minlm.memory import estimate_params  # noqa: F401 - kept importable from runs
 from minlm.model import LM
+from minlm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 # The log's columns, for every kind of training (fine-tuning adds its own after these):
 # step, tokens (processed so far), elapsed_s (wall clock, summed over resumes), lr,
@@ -64,7 +68,7 @@ def resolve_run_dir(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike
 
 
 def library_versions() -> dict[str, str]:
-    import minlm
+    import minlm  # here, not at the top: minlm/__init__ may still be importing when runs loads
 
     return {"minlm": minlm.__version__, "torch": str(torch.__version__),
             "python": platform.python_version()}
@@ -104,8 +108,6 @@ def portable(value: Any, data_root: Path | None = None) -> Any:
         return [portable(v, data_root) for v in value]
     if not isinstance(value, str) or not os.path.isabs(value) or any(c.isspace() for c in value):
         return value
-    from minlm.data import data_dir  # lazy: data imports the tokenizer stack
-
     root = (data_root or data_dir()).resolve()
     path = Path(value)
     try:
@@ -129,8 +131,6 @@ def data_files(paths: list[str | os.PathLike], hash_limit: int = 1 << 30) -> lis
     """What a run read: each file relative to the data directory, its size and sha256 (files
     over ``hash_limit`` bytes are not hashed: hashing a huge corpus at every start costs more
     than the record is worth)."""
-    import hashlib
-
     out = []
     for p in map(Path, paths):
         size = p.stat().st_size
@@ -147,8 +147,6 @@ def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,
     """Weights of the unwrapped model in safetensors (shared tensors, e.g. a tied head, once).
 
     ``state_dict`` (e.g. gathered from FSDP shards) is loaded into a CPU copy first."""
-    from safetensors.torch import save_model
-
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)  # DistributedDataParallel
     sharded = any(type(p.data).__name__ == "DTensor" for p in model.parameters())  # FSDP2
@@ -162,8 +160,6 @@ def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,
 def copy_tokenizer(run_dir: Path, tokenizer) -> Path:
     """Save the tokenizer into the run (``tokenizer.model`` or ``tokenizer.json``) so the folder
     is self-contained; its hash is recorded in train_config.json."""
-    from minlm.tokenizer import SentencePieceTokenizer
-
     suffix = ".model" if isinstance(tokenizer, SentencePieceTokenizer) else ".json"
     dest = run_dir / f"tokenizer{suffix}"
     if not dest.exists() or dest.read_bytes() != tokenizer.to_bytes():
@@ -199,7 +195,7 @@ def _fmt(v: Any) -> Any:
 
 
 def read_log(run_dir: Path):
-    import pandas as pd
+    import pandas as pd  # lazy: heavy, and only listing and reading logs as frames need it
 
     path = Path(run_dir) / "log.csv"
     if not path.exists():
@@ -327,10 +323,6 @@ def find_tokenizer_file(run_dir: Path) -> Path:
 def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
              runs_dir: str | os.PathLike | None = None) -> Run:
     """Model + tokenizer ready for inference, from a run folder or a run name."""
-    from safetensors.torch import load_model
-
-    from minlm.tokenizer import load_tokenizer
-
     run_dir = resolve_run_dir(name_or_path, runs_dir)
     missing = [f for f in REQUIRED_FILES if not (run_dir / f).exists()]
     if missing:
@@ -351,7 +343,7 @@ def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu"
 
 def list_runs(runs_dir: str | os.PathLike | None = None):
     """One row per run folder with its size and final figures, best val bits per byte first."""
-    import pandas as pd
+    import pandas as pd  # lazy: heavy, and only listing and reading logs as frames need it
 
     base = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     rows = []
