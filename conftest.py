@@ -10,3 +10,10 @@ from pathlib import Path
 
 if os.environ.get("MINLM_DATA_DIR"):
     os.environ["MINLM_DATA_DIR"] = str(Path(os.environ["MINLM_DATA_DIR"]).expanduser().resolve())
+
+
+def pytest_configure(config):
+    """nbval compares the outputs of cells marked ``# NBVAL_CHECK_OUTPUT`` after the
+    substitutions in notebooks/nbval_sanitize.cfg (float statistics, addresses)."""
+    if getattr(config.option, "nbval_sanitize_with", "") is None:
+        config.option.nbval_sanitize_with = str(Path(__file__).parent / "notebooks" / "nbval_sanitize.cfg")

@@ -9,6 +9,10 @@ alternating rounds so that machine noise hits them alike; each figure is the med
 
     python bench/generate.py --quick        # llama-1m only, 2 rounds (about a minute)
     python bench/generate.py                # llama-1m and llama-5m, 3 rounds
+
+Models with no ``transformers`` counterpart here (``--own``: mamba-1m, griffin-1m by default)
+get a row each: minlm's tokens/s with its cache (recurrent state) and the speed-up over
+recomputing the context every token.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def contenders(ours: LM, theirs, new_tokens: int) -> dict:
 def _unfused(model, idx, new_tokens):
     from minlm.generate import TokenStream
 
-    s = TokenStream(model, idx, new_tokens, temperature=0, fused=False)
+    s = TokenStream(model, idx, new_tokens, temperature=0, fast=False)
     for _ in s:
         pass
     return s.tokens
@@ -72,6 +76,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for both (default 1: one token at a time of a small "
                         "model gains nothing from more, and a shared CPU makes them wait)")
+    p.add_argument("--own", nargs="*", default=["mamba-1m", "griffin-1m"],
+                   help="presets timed against minlm without cache only (no HF counterpart)")
     p.add_argument("--quick", action="store_true", help="llama-1m only, 2 rounds")
     args = p.parse_args()
     if args.quick:
@@ -83,13 +89,8 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s), CPU, greedy, {args.new_tokens} new tokens, "
           f"median of {args.rounds} alternating rounds")
     for preset in args.presets:
-        torch.manual_seed(0)
-        cfg = ModelConfig.from_preset(preset)
-        tok = load_tokenizer(shipped_tokenizer_path(cfg.vocab_size))
-        prompt = [tok.bos_id] + tok.encode(PROMPT)
-        # room for prompt + new tokens, so neither side ever slides or crops its context
-        cfg = cfg.replace(block_size=max(cfg.block_size, len(prompt) + args.new_tokens))
-        ours = LM(cfg).eval()
+        ours, prompt = model_and_prompt(preset, args.new_tokens)
+        cfg = ours.config
         theirs = to_hf_llama(ours)
         print(f"\n{preset}: {ours.num_params():,} params, block {cfg.block_size}, "
               f"prompt {len(prompt)} tokens")
@@ -110,6 +111,37 @@ def main() -> None:
             print(f"    ratio minlm / transformers:    {tps['minlm'] / tps['transformers']:.2f}x")
             print(f"    cache speed-up (vs no cache):  "
                   f"{tps['minlm'] / tps['minlm without cache']:.2f}x")
+    for preset in args.own:
+        own_preset(preset, args)
+
+
+def model_and_prompt(preset: str, new_tokens: int) -> tuple[LM, list[int]]:
+    """A seeded model of ``preset`` and the prompt's ids in its shipped tokenizer, with room
+    for prompt + new tokens, so no contender ever slides or crops its context."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    tok = load_tokenizer(shipped_tokenizer_path(cfg.vocab_size))
+    prompt = [tok.bos_id] + tok.encode(PROMPT)
+    cfg = cfg.replace(block_size=max(cfg.block_size, len(prompt) + new_tokens))
+    return LM(cfg).eval(), prompt
+
+
+def own_preset(preset: str, args) -> None:
+    """minlm with its cache or recurrent state against recomputing, at batch 1."""
+    model, prompt = model_and_prompt(preset, args.new_tokens)
+    idx = torch.tensor([prompt])
+    runs = {"minlm": lambda i: generate_ids(model, i, args.new_tokens, temperature=0),
+            "minlm without cache": lambda i: generate_ids(model, i, args.new_tokens,
+                                                          temperature=0, use_cache=False)}
+    with torch.inference_mode():
+        outs = {name: run(idx) for name, run in runs.items()}
+    if not torch.equal(outs["minlm"], outs["minlm without cache"]):
+        raise SystemExit(f"{preset}: greedy tokens differ between cached and uncached decoding")
+    seconds = measure(runs, idx, args.rounds)
+    tps = {name: args.new_tokens / s for name, s in seconds.items()}
+    print(f"\n{preset}: {model.num_params():,} params, batch 1 (greedy tokens identical):")
+    print(f"    minlm (state/cache)  {tps['minlm']:>9,.0f} tokens/s, "
+          f"{tps['minlm'] / tps['minlm without cache']:.2f}x recomputing the context")
 
 
 if __name__ == "__main__":

@@ -140,12 +140,12 @@ class ChatData:
 
 
 def resolve_chat_file(data: str | os.PathLike) -> Path:
-    """A chat file by path, by a path under ``$MINLM_DATA_DIR``, or by name
-    (``hh_rlhf_helpful_sft``, ``hh_rlhf_helpful_dpo``)."""
+    """A chat file (or a folder of them) by path, by a path under ``$MINLM_DATA_DIR``, or by
+    name (``hh_rlhf_helpful_sft``, ``hh_rlhf_helpful_dpo``)."""
     from minlm.data import data_dir
 
     p = Path(data)
-    if p.is_file():
+    if p.is_file() or p.is_dir():
         return p
     base = data_dir()
     candidate = base / CHAT_DATASETS.get(str(data), str(data))
@@ -159,16 +159,10 @@ def resolve_chat_file(data: str | os.PathLike) -> Path:
 def _raw_items(path: Path, column: str,
                parquet_columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, raw object) for each example; JSON syntax errors name the line."""
+    from minlm.sources import jsonl_rows
+
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, ValueError(f"is not valid JSON ({e.msg} at column {e.colno})")
+        yield from jsonl_rows(path)
     elif path.suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
@@ -177,6 +171,9 @@ def _raw_items(path: Path, column: str,
         if isinstance(obj, dict) and isinstance(obj.get(column), list) and obj[column] \
                 and isinstance(obj[column][0], dict) and "role" in obj[column][0]:
             obj = [obj]  # one conversation
+        if isinstance(obj, list) and obj and all(isinstance(m, dict) and "role" in m and column
+                                                 not in m for m in obj):
+            obj = [obj]  # a flat list of messages: one conversation
         if not isinstance(obj, list):
             raise ChatDataError(f"{path}: expected a list of conversations, found a "
                                 f"{type(obj).__name__}")
@@ -208,9 +205,13 @@ def _raw_items(path: Path, column: str,
 
 def _read(path, check, column: str, skip_invalid: bool, limit: int,
           parquet_columns: Sequence[str] | None = None) -> ChatData:
+    from minlm.sources import folder_files
+
     path = resolve_chat_file(path)
     out = ChatData([], path=path)
-    for where, item in _raw_items(path, column, parquet_columns):
+    files = folder_files(path) if path.is_dir() else [path]
+    items = (it for f in files for it in _raw_items(f, column, parquet_columns))
+    for where, item in items:
         if limit and len(out.examples) >= limit:
             break
         try:
@@ -232,8 +233,9 @@ def _read(path, check, column: str, skip_invalid: bool, limit: int,
 
 def read_conversations(path: str | os.PathLike, column: str = "messages",
                        skip_invalid: bool = False, limit: int = 0) -> ChatData:
-    """Conversations from a .jsonl (one per line), .json (a list) or .parquet (``column``)
-    file; each example is a list of messages or an object with them under ``column``.
+    """Conversations from a .jsonl (one per line), .json (a list, or one flat list of
+    messages) or .parquet (``column``) file, or a folder of such files (one format); each
+    example is a list of messages or an object with them under ``column``.
 
     A malformed example raises ``ChatDataError`` naming the file and line (item, row);
     ``skip_invalid=True`` skips it instead and counts it in ``.skipped``."""
@@ -252,6 +254,8 @@ def write_conversations(conversations: Iterable[list[dict]], path: str | os.Path
     from minlm.fileio import atomic_path
 
     path = Path(path)
+    if path.suffix not in (".jsonl", ".json", ".parquet"):  # before any folder is created
+        raise ChatDataError(f"cannot write {path}: use a .jsonl, .json or .parquet name")
     convs = [list(c) for c in conversations]
     with atomic_path(path) as tmp:
         if path.suffix == ".jsonl":
@@ -383,7 +387,27 @@ class Example:
         tok = tokenizer or self.tokenizer
         if tok is None:
             raise ValueError("display() needs the tokenizer: example.display(tokenizer)")
-        return MaskDisplay(self.ids, self.mask, [tok.piece_text(i) for i in self.ids])
+        return MaskDisplay(self.ids, self.mask, readable_pieces(tok, self.ids, self.mask))
+
+
+def readable_pieces(tok, ids: Sequence[int], mask: Sequence[int]) -> list[str]:
+    """``piece_text`` of each token, except that a run of byte-fallback tokens with the same
+    mask that decodes to whole characters shows as those characters (a curly apostrophe,
+    not ``<0xE2><0x80><0x99>``): the first token of the run carries the text, the rest ``""``."""
+    from minlm.tokenizer import BYTE_PIECE
+
+    pieces = [tok.piece_text(i) for i in ids]
+    k = 0
+    while k < len(ids):
+        end = k
+        while end < len(ids) and BYTE_PIECE.match(pieces[end]) and mask[end] == mask[k]:
+            end += 1
+        if end - k >= 1 and BYTE_PIECE.match(pieces[k]):
+            text = tok.decode(list(ids[k:end]))
+            if text and "\ufffd" not in text:
+                pieces[k:end] = [text] + [""] * (end - k - 1)
+        k = max(end, k + 1)
+    return pieces
 
 
 class MaskDisplay:
@@ -394,7 +418,7 @@ class MaskDisplay:
         self.ids, self.mask, self.pieces = ids, mask, pieces
 
     def __str__(self) -> str:
-        body = "".join(f"[{p}]" if m else p for p, m in zip(self.pieces, self.mask))
+        body = "".join(f"[{p}]" if m else p for p, m in zip(self.pieces, self.mask) if p)
         return (body.replace("\n", "\\n")
                 + f"\n({len(self.ids)} tokens, {sum(self.mask)} in the loss, in [brackets])")
 
@@ -403,6 +427,8 @@ class MaskDisplay:
     def _repr_html_(self) -> str:
         spans = []
         for i, p, m in zip(self.ids, self.pieces, self.mask):
+            if not p:  # a byte token shown by the character its run decodes to
+                continue
             style = ("background:#c8f0c8;color:#000" if m else "background:#eee;color:#888")
             shown = html.escape(p).replace("\n", "↵<br>")
             spans.append(f'<span title="id {i}, {"trained" if m else "context"}" '

@@ -6,7 +6,10 @@ Errors from bad input print one line and exit non-zero; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from minlm.errors import report_errors  # the one way a command turns errors into exit codes
 
 
 def cmd_trace(args) -> None:
@@ -15,11 +18,20 @@ def cmd_trace(args) -> None:
     from minlm.config import ModelConfig
     from minlm.model import LM
 
-    cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
-    model = LM(cfg).eval()
+    if args.run:  # a run's own model, e.g. one brought in by ``import``
+        from minlm.runs import load_run
+
+        if args.overrides:
+            raise ValueError(f"--run {args.run} traces the run as saved; drop the overrides "
+                             f"{args.overrides}")
+        model, label = load_run(args.run).model, args.run
+        cfg = model.config
+    else:
+        cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
+        model, label = LM(cfg).eval(), args.preset
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens))
     t = model.trace(idx)
-    print(f"{args.preset}: {model.num_params():,} parameters "
+    print(f"{label}: {model.num_params():,} parameters "
           f"({model.num_params(non_embedding=True):,} without embeddings)")
     print(t.format(stats=not args.no_stats, max_depth=args.depth))
 
@@ -50,7 +62,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model_items, train_items
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from pathlib import Path
 
     from minlm.config import ModelConfig, TrainConfig
@@ -70,21 +82,40 @@ def cmd_train(args) -> None:
     if train_cfg.init_from and args.preset is None:  # a continuation keeps the parent's model
         model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir))[0]
         model_cfg = model_cfg.with_overrides(model_items)
-    if args.dry_run:
+    if args.dry_run:  # the resolved settings, before any check of the run folder
         return _dry_run(model=model_cfg, train=train_cfg)
     result = train(model_cfg, train_cfg)
-    print(result)
-    return result.exit_code  # non-zero for a failed, interrupted or terminated run
+    return _report_result(result, train_cfg.verbose,
+                          f"continue it with: python -m minlm train run_name={result.run_dir.name} "
+                          f"out_dir={result.run_dir.parent} resume=true")
 
 
-def cmd_search(args) -> None:
+def _report_result(result, verbose: bool, resume_hint: str) -> int:
+    """Print the result line once (the run already said it when verbose; under torchrun only
+    rank 0 speaks) and return the run's exit code (``result.exit_code``, set by the engine:
+    0 finished or a planned end, 1 failed, 130 Ctrl-C, 143 SIGTERM); a non-zero end also
+    says on stderr where the state is and how to continue."""
+    if not verbose and os.environ.get("RANK", "0") == "0":
+        print(result)
+    code = result.exit_code
+    if code == 1:
+        print(f"error: the run failed at step {result.step}: {result.stopped} (run folder "
+              f"{result.run_dir}; its last good checkpoint is kept)", file=sys.stderr)
+    elif code:
+        print(f"stopped at step {result.step}: {result.stopped}; the state saved is in "
+              f"{result.run_dir}" + (f"; {resume_hint}" if resume_hint else ""), file=sys.stderr)
+    return code
+
+
+def cmd_search(args) -> int:
     from pathlib import Path
 
     import pandas as pd
 
-    from minlm.config import ModelConfig, TrainConfig
+    from minlm.config import ModelConfig, TrainConfig, check_folder_name
     from minlm.search import grid, search
 
+    check_folder_name("--name", args.name)  # before any work; search() checks it too
     fixed, axes = [], {}  # key=a,b,c is an axis of the grid; key=a a fixed setting
     for item in args.overrides:
         value = item.partition("=")[2]
@@ -115,9 +146,13 @@ def cmd_search(args) -> None:
         print(table[shown].to_string(index=False))
     best = result.best
     print(f"wrote {out / 'results.csv'} and {out / 'results.png'}")
-    if best is not None:
-        print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
-              f"{best.run_dir}")
+    if best is None:
+        print(f"error: no candidate trained: all {len(table)} were skipped or failed (reasons "
+              "in the table above)", file=sys.stderr)
+        return 1
+    print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
+          f"{best.run_dir}")
+    return 0
 
 
 def _sampling(args) -> dict:
@@ -146,9 +181,10 @@ def cmd_generate(args) -> None:
     run = load_run(args.run, device=args.device)
     sampling = _sampling(args)
     if len(args.prompts) == 1 and not args.show_tokens:  # one prompt: stream it as it comes
-        print(args.prompts[0], end="", flush=True)
-        for piece in stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
-                            stop=args.stop, use_cache=not args.no_cache, **sampling):
+        pieces = stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
+                        stop=args.stop, use_cache=not args.no_cache, **sampling)
+        print(args.prompts[0], end="", flush=True)  # after the arguments were checked
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return
@@ -167,6 +203,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from minlm.generate import Chat
     from minlm.runs import load_run
+    from minlm.tokenizer import check_text
 
     run = load_run(args.run, device=args.device)
     chat = Chat(run.model, run.tokenizer, system=args.system,
@@ -177,10 +214,15 @@ def cmd_chat(args) -> None:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = _read_line()
         if not line:  # end of input
             break
         message = line.strip()
+        try:
+            check_text(message, "that message")
+        except ValueError as e:  # reject this line, keep the session
+            print(f"error: {e}; not sent", file=sys.stderr)
+            continue
         if message == "/quit":
             break
         if message == "/reset":
@@ -195,6 +237,15 @@ def cmd_chat(args) -> None:
             print()
         except ValueError as e:  # e.g. a message too long for the context: say so, go on
             print(f"\nerror: {e}", file=sys.stderr)
+
+
+def _read_line() -> str:
+    """One line of stdin; bytes that are not UTF-8 become lone surrogates (for check_text to
+    refuse) instead of ending the session with a UnicodeDecodeError."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, notebooks)
+        return sys.stdin.readline()
+    return raw.readline().decode("utf-8", errors="surrogateescape")
 
 
 def cmd_eval(args) -> None:
@@ -242,7 +293,7 @@ def cmd_convert(args) -> None:
     print(f"wrote {len(data)} conversations to {args.dest}{skipped}")
 
 
-def _finetune(args, kind: str) -> None:
+def _finetune(args, kind: str) -> int:
     from minlm import finetune
 
     cls, fn = (finetune.SFTConfig, finetune.sft) if kind == "sft" else (finetune.DPOConfig,
@@ -252,9 +303,9 @@ def _finetune(args, kind: str) -> None:
         cfg = cfg.replace(data=args.data)
     if args.dry_run:
         return _dry_run(**{kind: cfg})
-    result = fn(args.run, config=cfg)
-    print(result)
-    return result.exit_code  # non-zero for a failed, interrupted or terminated run
+    if args.skip_invalid:
+        cfg = cfg.replace(skip_invalid=True)
+    return _report_result(fn(args.run, config=cfg), cfg.verbose, "")
 
 
 def cmd_sft(args) -> int:
@@ -263,6 +314,20 @@ def cmd_sft(args) -> int:
 
 def cmd_dpo(args) -> int:
     return _finetune(args, "dpo")
+
+
+def cmd_export(args) -> None:
+    from minlm.export import export_run
+
+    out = export_run(args.run, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def cmd_import(args) -> None:
+    from minlm.hub_import import import_checkpoint
+
+    run_dir = import_checkpoint(args.source, args.name, overwrite=args.overwrite)
+    print(f"wrote run {run_dir}; try: python -m minlm generate {run_dir} \"Once upon a time\"")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
@@ -277,6 +342,83 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> 
     p.add_argument("--device", default="cpu")
 
 
+def _count(text: str) -> int:
+    """``50000``, ``50K``, ``20M`` or ``1G`` as an int (argparse type for token counts)."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 50000, 50K, 20M or "
+                                         "1G") from None
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 0")
+    return int(value)
+
+
+def cmd_prepare(args) -> None:
+    from minlm.prepare import prepare
+
+    shards = prepare(args.source, args.tokenizer, val_fraction=args.val_fraction,
+                     num_workers=args.workers, max_docs=0, out_dir=args.out,
+                     max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+                     text_column=args.text_column, split_by=args.split_by,
+                     loss_mask=args.loss_mask, hf_config=args.config, hf_split=args.split,
+                     full=args.full)
+    m = shards.meta
+    print(f"prepared {shards.dir}")
+    for split in ("train", "val"):
+        print(f"  {split}: {m['tokens'][split]:,} tokens, {m['documents'][split]:,} documents, "
+              f"{m['bytes'][split]:,} bytes of text, {len(m.get('files', {}).get(split, [1]))} "
+              "file(s)")
+    print(f"train on it with: python -m minlm train data={shards.dir} tokenizer={args.tokenizer} "
+          f"vocab_size={m['vocab_size']}")
+
+
+def add_prepare_parser(sub) -> None:
+    from minlm.chatdata import MODES
+    from minlm.sources import SPLIT_BY
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into the shard folder training reads",
+                       description="Read a text file, a folder, JSON/JSONL/parquet (a text "
+                       "column or chat messages) or a Hugging Face dataset (hf:<id>, streamed) "
+                       "and write token shards; train with data=<the folder it prints>.")
+    p.add_argument("source", help="tinystories, shakespeare, a file, a folder, or hf:<dataset id>")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer name (e.g. tinystories-4096) or path to a tokenizer file")
+    p.add_argument("--out", default=None, help="output folder (default: a cache folder keyed "
+                   "by source, tokenizer and options; $MINLM_CACHE_DIR)")
+    p.add_argument("--max-tokens", type=_count, default=0,
+                   help="stop after the document that reaches this many tokens (50M, 1G; 0: all)")
+    p.add_argument("--shard-tokens", type=_count, default=0,
+                   help="cut train into numbered shard files of this many tokens (0: one file)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="held-out share of documents when the source has no val file (0: 0.05)")
+    p.add_argument("--text-column", default="text", help="field/column holding the text")
+    p.add_argument("--split-by", choices=SPLIT_BY, default="auto",
+                   help="how a text file splits into documents (auto: <|endoftext|> lines, "
+                   "else blank lines)")
+    p.add_argument("--loss-mask", choices=MODES, default=None,
+                   help="for chat data: store which tokens are targets (pretraining then "
+                   "trains only those)")
+    p.add_argument("--config", default=None, help="Hugging Face dataset config (hf: sources)")
+    p.add_argument("--split", default="train", help="Hugging Face dataset split (hf: sources)")
+    p.add_argument("--full", action="store_true",
+                   help="download a named corpus whole (default: its first 100 MB)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: all cores)")
+    p.set_defaults(func=cmd_prepare)
+def _at_least(least: int):
+    """An argparse type: an integer >= ``least``, refused with the option's usage otherwise."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {least}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minlm", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -284,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("trace", help="print the shape trace of a preset model")
     t.add_argument("--preset", default="llama-1m", help="model preset name")
+    t.add_argument("--run", default=None, help="trace this run's model instead of a preset")
     t.add_argument("--batch", type=int, default=1, help="batch size of the dummy input")
     t.add_argument("--tokens", type=int, default=16, help="sequence length of the dummy input")
     t.add_argument("--depth", type=int, default=None, help="deepest level of the tree shown")
@@ -341,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run name under trained_models/ or a run folder path")
     e.add_argument("--data", required=True,
                    help="held-out text file (.txt, .jsonl, .json or .parquet)")
-    e.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    e.add_argument("--max-docs", type=int, default=0, help="only the first N documents (0: all)")
+    e.add_argument("--batch-size", type=_at_least(1), default=16, help="windows per forward pass")
+    e.add_argument("--max-docs", type=_at_least(0), default=0,
+                   help="only the first N documents (0: all)")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
 
@@ -377,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--skip-invalid", action="store_true",
                     help="skip malformed examples (and report how many) instead of failing")
     cv.set_defaults(func=cmd_convert)
+    add_prepare_parser(sub)
 
     common = ("epochs, max_steps, batch_size, lr, warmup_iters, val_fraction, eval_interval, "
               "patience, max_examples, skip_invalid, lora_rank, lora_alpha, lora_targets, "
@@ -394,10 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--data", default=None,
                        help=f"chat data: a .jsonl/.json/.parquet file or a name under "
                        f"$MINLM_DATA_DIR (default {default})")
+        f.add_argument("--skip-invalid", action="store_true",
+                       help="skip malformed examples (and report how many); same as "
+                       "skip_invalid=true")
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
         _add_config_args(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
+    _add_travel_commands(sub)
     return p
 
 
@@ -423,6 +572,27 @@ def _dry_run(**configs) -> int:
     return 0
 
 
+def _add_travel_commands(sub) -> None:
+    ex = sub.add_parser("export", help="write a run as a transformers folder or a GGUF file",
+                        description="--format hf: a folder AutoModelForCausalLM/AutoTokenizer "
+                        "load without minlm (llama- and gpt2-family runs); --format gguf: one "
+                        "file for llama.cpp (llama family).")
+    ex.add_argument("run", help="run name under trained_models/ or a run folder path")
+    ex.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    ex.add_argument("--out", required=True, help="folder (hf) or .gguf file to write")
+    ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],
+                    help="GGUF weight type (norms stay f32)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a Hugging Face Llama or GPT-2 checkpoint as a run folder")
+    im.add_argument("source", help="checkpoint folder (config.json + safetensors + tokenizer), "
+                    "or hf:owner/name to download it from the Hub")
+    im.add_argument("--name", default=None, help="run name (default: the folder's name)")
+    im.add_argument("--overwrite", action="store_true", help="replace a run of that name")
+    im.set_defaults(func=cmd_import)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -431,20 +601,4 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    try:
-        code = args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
-    return code or 0
+    return report_errors(lambda: args.func(args), args.debug)

@@ -2,7 +2,9 @@
 
 Both configs are plain dataclasses that serialise to JSON and back exactly, so a run folder
 can rebuild its model with ``ModelConfig(**json.load(f))``. Choices are ``Literal`` strings
-resolved through small registries in ``minlm.modules``; derived values are filled in
+resolved through small registries in ``minlm.modules``; token and channel mixers (``mixer``,
+``mlp``, layout steps) are checked against ``minlm.modules.registry``, so no second list of
+their names lives here; derived values are filled in
 ``__post_init__``; a bad value raises ``ValueError`` naming the field, the value and what is
 allowed. Nothing warns and falls back.
 """
@@ -19,20 +21,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from minlm.errors import ConfigError  # re-exported: minlm.config.ConfigError
+from minlm.modules import registry
+from minlm.modules.block import layout_mixers, uses_moe_step
+
 Position = Literal["rope", "alibi", "learned", "none"]
 Norm = Literal["rmsnorm", "layernorm", "cosinenorm"]
 Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "kan"]
 Init = Literal["normal", "xavier", "tfixup"]
-Mixer = Literal["attention", "mlgru"]
 Linear = Literal["linear", "bitlinear"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["fp32", "bf16", "auto"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field, the value and the fix."""
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -53,13 +54,6 @@ class _Serialisable:
         for name in names:
             if not ok(getattr(self, name)):
                 _fail(name, getattr(self, name), rule)
-
-    def _require_finite(self) -> None:
-        """Reject NaN and infinity in every float field (they pass every range check)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                _fail(f.name, value, "must be a finite number")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +159,8 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(name, value, "must be a number")
+        if not math.isfinite(value):  # nan slips through every ``<``/``>`` range check below
+            _fail(name, value, "must be a finite number")
     elif tp is str:
         if not isinstance(value, str):
             _fail(name, value, "must be a string")
@@ -237,8 +233,12 @@ class ModelConfig(_Serialisable):
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 means n_heads (plain multi-head attention)
     head_dim: int = 0  # 0 means dim // n_heads
-    # token mixer and its options
-    mixer: Mixer = "attention"
+    # token mixer and its options: a name registered in minlm.modules.registry
+    mixer: str = "attention"
+    mixer_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"d_state": 16} (mamba)
+    # a package in experiments/ (or a path to one) that registers more mixers and presets;
+    # loaded before the names are checked, and recorded so the run reloads later
+    experiment: str = ""
     position: Position = "rope"
     rope_theta: float = 10000.0
     window: int = 0  # sliding-window attention span; 0 means full causal attention
@@ -248,7 +248,8 @@ class ModelConfig(_Serialisable):
     # every linear layer inside the blocks: "bitlinear" = ternary weights, 8-bit activations
     # (BitNet b1.58); embeddings, head and MoE router stay full precision
     linear: Linear = "linear"
-    # channel mixer
+    # channel mixer: "" picks "moe" when n_experts > 0, "kan" for activation="kan", else "mlp"
+    mlp: str = ""
     activation: Activation = "swiglu"  # "kan": the MLP's linear layers become B-spline KAN layers
     hidden_dim: int = 0  # 0 means derived from hidden_mult and multiple_of
     hidden_mult: float = 4.0
@@ -264,7 +265,8 @@ class ModelConfig(_Serialisable):
     norm_eps: float = 1e-5
     norm_affine: bool = True
     norm_bias: bool = False  # LayerNorm bias
-    block_spec: str = "norm>attn>+ norm>mlp>+"
+    # one layout for every layer, or a list used layer by layer (cycling); see modules/block.py
+    block_spec: str | list[str] = "norm>attn>+ norm>mlp>+"
     tied_blocks: dict[str, int] = field(default_factory=dict)  # {"4": 0}: block 4 reuses block 0
     # multiplies the token embeddings as they enter the residual stream (the first residual);
     # Gemma and Grok use sqrt(dim); the tied head is not scaled
@@ -279,8 +281,16 @@ class ModelConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         self.tied_blocks = {str(k): int(v) for k, v in dict(self.tied_blocks).items()}
-        self._check_types()
-        self._require_finite()
+        if isinstance(self.block_spec, str) and self.block_spec.lstrip().startswith("["):
+            try:  # a list given on the command line as JSON
+                self.block_spec = json.loads(self.block_spec)
+            except json.JSONDecodeError as e:
+                _fail("block_spec", self.block_spec, f"is not a JSON list of layouts ({e})")
+        if isinstance(self.block_spec, (list, tuple)):
+            self.block_spec = list(self.block_spec)
+            if not all(isinstance(s, str) for s in self.block_spec):
+                _fail("block_spec", self.block_spec, "must be a layout string or a list of them")
+        self._check_types()  # also rejects NaN / infinity in float fields
         for name in ("vocab_size", "block_size", "dim", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be a positive integer")
@@ -296,11 +306,6 @@ class ModelConfig(_Serialisable):
             raise ConfigError(
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 f"n_kv_heads must be one of {_divisors(self.n_heads)}"
-            )
-        if self.position == "rope" and self.head_size % 2:
-            raise ConfigError(
-                f"head_dim={self.head_size} is odd, but position='rope' rotates pairs of "
-                "channels; use an even head size"
             )
         if not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "must be in [0, 1)")
@@ -332,26 +337,46 @@ class ModelConfig(_Serialisable):
                   f"must be between 1 and n_experts={self.n_experts}")
         if self.experts_top_k < 1:
             _fail("experts_top_k", self.experts_top_k, "must be a positive integer")
-        if self.mixer != "attention":
-            self._check_no_attention_options()
+        self._check_mixers()
         for k, v in self.tied_blocks.items():
             if not k.isdigit() or not 0 <= int(k) < self.n_layers or not 0 <= v < self.n_layers:
                 _fail("tied_blocks", self.tied_blocks, f"keys and values must be block indices 0..{self.n_layers - 1}")
             if int(k) <= v:
                 _fail("tied_blocks", self.tied_blocks, "each block may only reuse an earlier block (key > value)")
-        from minlm.modules.block import parse_block_spec  # validation lives beside the parser
 
-        parse_block_spec(self.block_spec)
+    def _check_mixers(self) -> None:
+        """Names against the registries; each mixer in use validates its options; options of
+        mixers no layer uses would silently do nothing, so they are refused."""
+        if self.experiment:
+            registry.load_experiment(self.experiment)
+        registry.mixer_spec(self.mixer)
+        used = [registry.mixer_spec(n, "block_spec") for n in layout_mixers(self)]
+        channels = [registry.channel_mixer_spec(self.channel_mixer)]
+        if uses_moe_step(self):
+            channels.append(registry.channel_mixer_spec("moe", "block_spec"))
+        for spec in used + channels:
+            if spec.validate is not None:
+                spec.validate(self)
+        registry.check_options(self.mixer_options, used)
+        if self.position in ("rope", "alibi") and not any(s.positional for s in used):
+            _fail("position", self.position, "no layer uses attention or another mixer that "
+                  "reads positions (RoPE and ALiBi act inside attention, and the layers use "
+                  f"{', '.join(s.name for s in used)}); use 'none' (a recurrence "
+                  "knows the order) or 'learned'")
+        defaults = {f.name: f.default for f in fields(self)}
+        in_use = {n for s in used for n in s.config_fields}
+        for spec in registry.mixers().values():
+            for name in spec.config_fields:
+                if name not in in_use and getattr(self, name) != defaults[name]:
+                    _fail(name, getattr(self, name), f"only mixer {spec.name!r} reads it and no "
+                          f"layer uses {spec.name!r}; leave it at {defaults[name]!r}")
 
-    def _check_no_attention_options(self) -> None:
-        """Attention-only options would silently do nothing with another mixer: refuse them."""
-        why = f"mixer={self.mixer!r} has no attention"
-        if self.position in ("rope", "alibi"):
-            _fail("position", self.position, f"{why} (RoPE and ALiBi act inside attention); "
-                  "use 'none' (the recurrence knows the order) or 'learned'")
-        for name, off in (("window", 0), ("qk_norm", False), ("attn_softcap", 0.0)):
-            if getattr(self, name) != off:
-                _fail(name, getattr(self, name), f"{why}; leave it at {off!r}")
+    @property
+    def channel_mixer(self) -> str:
+        """The channel mixer's registered name (``mlp``, or derived when it is empty)."""
+        if self.mlp:
+            return self.mlp
+        return "moe" if self.n_experts else "kan" if self.activation == "kan" else "mlp"
 
     @property
     def kv_heads(self) -> int:
@@ -380,9 +405,12 @@ class ModelConfig(_Serialisable):
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         from minlm.presets import PRESETS
 
+        if overrides.get("experiment"):  # its presets exist once it is loaded
+            registry.load_experiment(overrides["experiment"])
         if name not in PRESETS:
             raise ConfigError(
-                f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}"
+                f"unknown preset {name!r}; available presets: {', '.join(PRESETS)} (an "
+                "experiment adds its own: pass experiment=<name or path>)"
             )
         base = dict(PRESETS[name])
         cls._reject_unknown(overrides)
@@ -437,8 +465,7 @@ class TrainConfig(_Serialisable):
     logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (comma-separated)
 
     def __post_init__(self) -> None:
-        self._check_types()
-        self._require_finite()
+        self._check_types()  # also rejects NaN / infinity in float fields
         self._require(("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
                        "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"),
                       lambda v: v >= 1, "must be a positive integer")
@@ -463,8 +490,18 @@ class TrainConfig(_Serialisable):
             _fail("val_fraction", self.val_fraction, "must be in [0, 1)")
         if self.resume and self.overwrite:
             raise ConfigError("resume=True and overwrite=True contradict each other; pick one")
-        if self.run_name and (os.sep in self.run_name or self.run_name in (".", "..")):
-            _fail("run_name", self.run_name, "must be a plain folder name without path separators")
+        check_folder_name("run_name", self.run_name)
+
+
+def check_folder_name(name: str, value: str) -> None:
+    """The one check on every name that becomes a folder under an output folder (a run_name,
+    a search name): a plain name, so nothing is written or deleted outside that folder."""
+    if not value:
+        return
+    if (any(c in value for c in "/\\\0") or value in (".", "..") or os.path.isabs(value)
+            or value != value.strip()):
+        _fail(name, value, "must be a plain folder name without path separators, '..' or "
+              "surrounding spaces (the folder is created under out_dir)")
 
 
 LOGGERS = ("tensorboard", "mlflow")  # see minlm.loggers

@@ -1,8 +1,11 @@
 """Text sources -> token shards on disk -> random-window batches.
 
-A corpus is tokenized once into ``train.bin``/``val.bin`` (flat uint16/uint32 arrays, each
-document as BOS + tokens + EOS) plus ``meta.json``, in a cache folder keyed by the data, the
-tokenizer's hash and the options; later calls memory-map them, so a 2 GB corpus costs no RAM.
+A corpus is tokenized once (``minlm.prepare``) into ``train.bin`` (or numbered
+``train-00000.bin``... shards) and ``val.bin`` (flat uint16/uint32 arrays, each document as
+BOS + tokens + EOS) plus ``meta.json``, in a folder keyed by the data, the tokenizer's hash
+and the options; later calls memory-map them, so a 2 GB corpus costs no RAM. Where text
+comes from (files, folders, ``hf:`` datasets) is ``minlm.sources``; here are the named
+corpora and their download, the shard reader and the batches.
 
     shards = prepare("tinystories", load_tokenizer("tinystories-2048"))
     x, y = get_batch(shards.train, batch_size=32, block_size=256, generator=g)   # (B, T) each
@@ -10,27 +13,31 @@ tokenizer's hash and the options; later calls memory-map them, so a 2 GB corpus 
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minlm.fileio import atomic_path, atomic_write_text
+from minlm.fileio import atomic_path
+from minlm.sources import (  # noqa: F401 - SEPARATOR and TEXT_SUFFIXES are read from here too
+    HF_PREFIX,
+    SEPARATOR,
+    TEXT_SUFFIXES,
+    HubSource,
+    folder_files,
+    read_records,
+)
 
-SEPARATOR = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SHARD_FORMAT = 1  # bump when the shard layout changes, so old caches are rebuilt
 DEFAULT_VAL_FRACTION = 0.05
+PREFIX_BYTES = 100_000_000  # what a default run downloads of a large corpus (full=True: all)
 
 _HF = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 _SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -50,6 +57,9 @@ def data_dir() -> Path:
     """``$MINLM_DATA_DIR``, else ``./data`` if present, else ``~/.cache/minlm/data`` (created)."""
     env = os.environ.get("MINLM_DATA_DIR")
     if env:
+        if Path(env).expanduser().is_file():  # else a missing dataset would be downloaded
+            raise NotADirectoryError(f"MINLM_DATA_DIR={env} is a file; point it at the folder "
+                                     "that holds the datasets (e.g. tinystories/train.txt)")
         return Path(env).expanduser()
     if Path("data").is_dir():
         return Path("data")
@@ -58,36 +68,73 @@ def data_dir() -> Path:
     return d
 
 
-def _download(url: str, dest: Path) -> None:
-    """Stream ``url`` into ``dest`` with a progress bar; a temp file until complete."""
+def _download(url: str, dest: Path, limit: int = 0) -> Path:
+    """Stream ``url`` into ``dest`` with a progress bar (a temp file until complete).
+
+    With ``limit`` > 0 and a file longer than that (or of unknown length), only its first
+    ``limit`` bytes are fetched, cut after the last whole document, and written to the
+    prefix name (``_prefix_name``) instead. Returns the path written."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(dest) as tmp:
+        with urllib.request.urlopen(url, timeout=30) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                            desc=f"downloading {dest.name}") as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            part = bool(limit) and (total is None or total > limit)
+            target = _prefix_name(dest) if part else dest
+            with atomic_path(target) as tmp:
+                with open(tmp, "wb") as f, tqdm(total=limit if part else total, unit="B",
+                                                unit_scale=True, desc=f"downloading {target.name}") as bar:
+                    got = 0
+                    while chunk := resp.read(min(1 << 20, limit - got) if part else 1 << 20):
+                        f.write(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+                if part and got >= limit:
+                    _cut_after_last_document(tmp)
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
             f"could not download {url} ({e}). If this machine is offline, set MINLM_DATA_DIR to "
             f"a folder holding {dest.parent.name}/{dest.name} (for tinystories: "
             "tinystories/train.txt and tinystories/valid.txt)") from e
+    return target
 
 
-def resolve_text_files(data: str) -> tuple[list[Path], list[Path]]:
-    """(train files, val files) for a dataset name or a path.
+def _prefix_name(full_path: Path) -> Path:
+    mb = max(1, PREFIX_BYTES // 1_000_000)
+    return full_path.with_name(f"{full_path.stem}.first{mb}MB{full_path.suffix}")
 
-    ``"tinystories"`` / ``"shakespeare"``: files under ``data_dir()``, downloaded when absent.
+
+def _cut_after_last_document(path: Path) -> None:
+    """Truncate a cut-off download after its last complete document (separator line, else
+    blank line, else line), so no half document is trained on."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 22)))
+        tail = f.read()
+        base = size - len(tail)
+        for mark in (b"\n" + SEPARATOR.encode() + b"\n", b"\n\n", b"\n"):
+            at = tail.rfind(mark)
+            if at >= 0:
+                f.truncate(base + at + len(mark))
+                return
+
+
+def resolve_text_files(data: str, full: bool = False) -> tuple[list, list]:
+    """(train sources, val sources) for a dataset name, a path or a ``hf:`` id.
+
+    ``"tinystories"`` / ``"shakespeare"``: files under ``data_dir()``, downloaded when absent;
+    with ``full=False`` a large file is fetched only up to its first ``PREFIX_BYTES`` (cut at
+    a document boundary, cached beside it) unless the whole file is already there.
     A file (.txt/.jsonl/.json/.parquet): that file, no val file (``prepare`` splits off val).
-    A folder: its files of those kinds; ones named ``val*``/``valid*`` are the val files.
+    A folder: its files of one format (subfolders too); ones named ``val*``/``valid*`` are
+    the val files. ``hf:<id>``: a ``HubSource`` (config and split: see ``prepare``).
     """
+    if data.startswith(HF_PREFIX):
+        return [HubSource(data[len(HF_PREFIX):])], []
     if data in DATASETS:
         out: dict[str, list[Path]] = {"train": [], "val": []}
         for split, (name, url) in DATASETS[data].items():
             path = data_dir() / data / name
             if not path.exists():
-                _download(url, path)
+                path = _download(url, path) if full else _prefix_file(url, path)
             out[split].append(path)
         return out["train"], out["val"]
     path = Path(data).expanduser()
@@ -97,7 +144,7 @@ def resolve_text_files(data: str) -> tuple[list[Path], list[Path]]:
                              f"{', '.join(TEXT_SUFFIXES)}")
         return [path], []
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = folder_files(path)
         val = [p for p in files if p.stem.startswith(("val", "valid"))]
         train = [p for p in files if p not in val]
         if not train:
@@ -105,118 +152,33 @@ def resolve_text_files(data: str) -> tuple[list[Path], list[Path]]:
                              f"({', '.join(TEXT_SUFFIXES)}; val*/valid* files are validation)")
         return train, val
     raise FileNotFoundError(f"data={data!r} is neither a dataset name ({', '.join(DATASETS)}) "
-                            "nor an existing file or folder")
+                            f"nor an existing file or folder, nor a {HF_PREFIX}<dataset id>")
 
 
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Yield the documents of a file, streaming (a 2 GB file is never read whole).
+def _prefix_file(url: str, full_path: Path) -> Path:
+    """The first ``PREFIX_BYTES`` of ``url`` (cut after its last whole document), fetched
+    once into ``<name>.first<N>MB<suffix>`` beside ``full_path`` and reused after; a file
+    shorter than that is fetched whole, to ``full_path``."""
+    prefix = _prefix_name(full_path)
+    return prefix if prefix.exists() else _download(url, full_path, limit=PREFIX_BYTES)
+
+
+def read_documents(path: str | os.PathLike, split_by: str = "auto",
+                   text_column: str = "text") -> Iterator[str]:
+    """Yield the text documents of a file, streaming (a 2 GB file is never read whole).
 
     Plain text: documents end at a line ``<|endoftext|>``; a file with no such line is split at
-    blank lines. JSONL/JSON: the ``"text"`` field of each object. Parquet: the ``text`` column.
+    blank lines; ``split_by="line"`` makes each line a document (``minlm.sources``).
+    JSONL/JSON/parquet: the ``text_column`` field of each row. Chat conversations are refused
+    here: ``prepare`` renders them with the chat template.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist" if not path.exists()
-                                else f"{path} is not a file")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix, _read_text)
-    n = 0
-    try:
-        for doc in reader(path):
-            n += 1
-            yield doc
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not a UTF-8 text file ({e})") from e
-    if n == 0:
-        raise ValueError(f"{path} holds no documents (it is empty or only whitespace)")
-
-
-def _check_text(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if b"\x00" in head:
-        raise ValueError(f"{path} is not a UTF-8 text file (it holds NUL bytes: binary data?)")
-
-
-def _has_separator(path: Path) -> bool:
-    needle = SEPARATOR.encode()
-    with open(path, "rb") as f:
-        tail = b""
-        while chunk := f.read(1 << 22):
-            if needle in tail + chunk:
-                return True
-            tail = chunk[-len(needle):]
-    return False
-
-
-def _read_text(path: Path) -> Iterator[str]:
-    _check_text(path)
-    by_separator = _has_separator(path)
-    lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            end = line.strip() == SEPARATOR if by_separator else not line.strip()
-            if not end:
-                lines.append(line)
-                continue
-            doc = "".join(lines).strip("\n")
-            lines = []
-            if doc.strip():
-                yield doc
-    doc = "".join(lines).strip("\n")
-    if doc.strip():
-        yield doc
-
-
-def _text_field(obj, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-        return obj["text"]
-    found = list(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"{where} has no string 'text' field (found: {found}); plain-text "
-                     "training needs {\"text\": ...} objects")
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    _check_text(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"line {lineno} of {path} is not valid JSON: {e}") from e
-                yield _text_field(obj, f"line {lineno} of {path}")
-
-
-def _read_json(path: Path) -> Iterator[str]:
-    _check_text(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("text"), list):
-        obj = obj["text"]
-    items = obj if isinstance(obj, list) else None
-    if items is None:
-        raise ValueError(f"{path} must hold a list of {{\"text\": ...}} objects or strings, "
-                         f"found a {type(obj).__name__}")
-    for k, item in enumerate(items):
-        yield _text_field(item, f"item {k} of {path}")
-
-
-def _read_parquet(path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow's ArrowInvalid does not name the file
-        raise ValueError(f"{path} is not a parquet file: {e}") from e
-    if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names})")
-    for batch in pf.iter_batches(columns=["text"]):
-        yield from (t for t in batch.column(0).to_pylist() if t)
+    for where, record in read_records(path, text_column, split_by):
+        if not isinstance(record, str):
+            raise ValueError(f"{where} is a chat conversation, not text (no {text_column!r} "
+                             "field); "
+                             "prepare() (python -m minlm prepare) renders chat with the chat "
+                             "template for pretraining")
+        yield record
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,12 +190,80 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+class TokenStream:
+    """Numbered shard files (memory-mapped) read as one flat token array, and an optional
+    loss mask of the same length (uint8, 1 = the token is a target).
+
+    Indexing by an int, a slice or an integer array crosses shard boundaries, so a window
+    may start in one shard and end in the next; the stream of 3 shards equals that of 1.
+    """
+
+    def __init__(self, parts: list[np.ndarray], mask_parts: list[np.ndarray] | None = None):
+        if not parts:
+            raise ValueError("a token stream needs at least one shard")
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])  # (n_shards,)
+        self.dtype = parts[0].dtype
+        self.mask = TokenStream(mask_parts) if mask_parts else None
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    @property
+    def ndim(self) -> int:
+        return 1
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._range(start, max(start, stop))
+        if np.isscalar(idx):
+            i = int(idx) + (len(self) if int(idx) < 0 else 0)
+            return self[np.array([i])][0]
+        idx = np.asarray(idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"token index out of range 0..{len(self) - 1}")
+        if len(self.parts) == 1:
+            return np.asarray(self.parts[0][idx])
+        which = np.searchsorted(self.ends, idx, side="right")  # shard of each index
+        starts = np.concatenate([[0], self.ends[:-1]])
+        out = np.empty(idx.shape, dtype=self.dtype)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.parts[k][idx[sel] - starts[k]]
+        return out
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        pieces, offset = [], 0
+        for part, end in zip(self.parts, self.ends):
+            lo, hi = max(start, offset), min(stop, int(end))
+            if lo < hi:
+                pieces.append(np.asarray(part[lo - offset:hi - offset]))
+            offset = int(end)
+        return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._range(0, len(self))
+        return out.astype(dtype) if dtype is not None else out
+
+    def tolist(self) -> list[int]:
+        return self._range(0, len(self)).tolist()
+
+
 @dataclass
 class Shards:
-    """Memory-mapped token arrays of one prepared corpus, and what ``meta.json`` says of them."""
+    """Token arrays of one prepared corpus (memory-mapped), and what ``meta.json`` says of
+    them. ``train`` is a plain memmap for a one-file split, else a ``TokenStream`` over its
+    numbered shards (and its loss mask when the corpus was prepared with one)."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | TokenStream
+    val: np.ndarray | TokenStream
     meta: dict
     dir: Path
 
@@ -246,11 +276,27 @@ class Shards:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Shards:
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a prepared shard folder (no meta.json; "
+                                    "an interrupted prepare leaves none): prepare it again")
+        meta = json.loads(meta_path.read_text())
         dtype = np.dtype(meta["dtype"])
-        arrays = {s: np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r", shape=(n,))
-                  for s, n in meta["tokens"].items()}
+        arrays = {}
+        for split, n in meta["tokens"].items():
+            files = meta.get("files", {}).get(split, [[f"{split}.bin", n]])
+            parts = [np.memmap(folder / name, dtype=dtype, mode="r", shape=(size,))
+                     for name, size in files]
+            masks = None
+            if meta.get("loss_mask"):
+                masks = [np.memmap(folder / _mask_name(name), dtype=np.uint8, mode="r",
+                                   shape=(size,)) for name, size in files]
+            arrays[split] = parts[0] if len(parts) == 1 and masks is None else TokenStream(parts, masks)
         return cls(arrays["train"], arrays["val"], meta, folder)
+
+
+def _mask_name(shard_name: str) -> str:
+    return shard_name.replace(".bin", ".mask.bin")
 
 
 def _cache_root(cache_dir) -> Path:
@@ -260,124 +306,9 @@ def _cache_root(cache_dir) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "minlm" / "shards"
 
 
-def _file_ids(files: list[Path]) -> list[list]:
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
 def _is_val(index: int, fraction: float) -> bool:
     """Every ~1/fraction-th document goes to val: deterministic, exact share, spread evenly."""
     return int((index + 1) * fraction) > int(index * fraction)
-
-
-_worker_tok = None
-
-
-def _init_worker(cls, blob: bytes) -> None:
-    global _worker_tok
-    _worker_tok = cls.from_bytes(blob)
-
-
-def _encode_chunk(task: tuple[str, list[str]]):
-    split, docs = task
-    ids = [i for d in docs for i in _worker_tok.encode(d, bos=True, eos=True)]
-    return split, ids, sum(len(d.encode("utf-8")) for d in docs), len(docs)
-
-
-def _tasks(train_files, val_files, fraction, max_docs, chunk_docs=256):
-    """(split, documents) chunks in file order; the split is decided here, by document index."""
-    def limited(files):
-        n = 0
-        for f in files:
-            for doc in read_documents(f):
-                if max_docs and n >= max_docs:
-                    return
-                n += 1
-                yield doc
-
-    buf: dict[str, list[str]] = {"train": [], "val": []}
-    sources = [("train", train_files), ("val", val_files)] if val_files else [(None, train_files)]
-    for fixed_split, files in sources:
-        for k, doc in enumerate(limited(files)):
-            split = fixed_split or ("val" if _is_val(k, fraction) else "train")
-            buf[split].append(doc)
-            if len(buf[split]) >= chunk_docs:
-                yield split, buf[split]
-                buf[split] = []
-    for split, docs in buf.items():
-        if docs:
-            yield split, docs
-
-
-def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 0,
-            max_docs: int = 0, cache_dir: str | os.PathLike | None = None,
-            verbose: bool = True) -> Shards:
-    """Tokenize ``data`` once into shards (reused while data, tokenizer and options match).
-
-    The val split is the source's val file when it has one; otherwise every document with
-    index ``k`` where ``floor((k+1)f) > floor(kf)`` for ``f = val_fraction or 0.05``, so train
-    and val never share a document. ``max_docs`` caps the documents read for each file set.
-    ``num_workers=0`` uses every core; each worker rebuilds the tokenizer from its bytes.
-    """
-    from minlm.tokenizer import load_tokenizer
-
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    tokenizer = load_tokenizer(tokenizer)  # a Tokenizer passes through; a path or name loads
-    train_files, val_files = resolve_text_files(data)
-    fraction = 0.0 if val_files else (val_fraction or DEFAULT_VAL_FRACTION)
-    dtype = token_dtype(tokenizer.vocab_size)
-    key = {"format": SHARD_FORMAT, "data": data, "files": _file_ids(train_files + val_files),
-           "tokenizer_hash": tokenizer.hash, "max_docs": max_docs, "val_fraction": fraction}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(data).name)[:40]
-    folder = _cache_root(cache_dir) / f"{name}-{digest}"
-    if (folder / "meta.json").exists() and json.loads(
-            (folder / "meta.json").read_text()).get("key") == key:
-        if verbose:
-            tqdm.write(f"using cached shards {folder}")
-        return Shards.load(folder)
-
-    workers = num_workers or os.cpu_count() or 1
-    totals = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in ("train", "val")}
-    folder.mkdir(parents=True, exist_ok=True)
-    size = sum(f.stat().st_size for f in train_files + val_files)
-    with atomic_path(folder / "train.bin") as tmp_train, atomic_path(folder / "val.bin") as tmp_val, \
-            open(tmp_train, "wb") as f_train, open(tmp_val, "wb") as f_val, \
-            tqdm(total=None if max_docs else size, unit="B", unit_scale=True, disable=not verbose,
-                 desc=f"tokenizing {name}") as bar:
-        out = {"train": f_train, "val": f_val}
-        tasks = _tasks(train_files, val_files, fraction, max_docs)
-        init_args = (type(tokenizer), tokenizer.to_bytes())
-        pool = get_context().Pool(workers, _init_worker, init_args) if workers > 1 else None
-        if pool is None:
-            _init_worker(*init_args)
-        try:  # a bounded group of chunks at a time: Pool.imap alone would queue the whole corpus
-            while group := list(itertools.islice(tasks, 4 * workers)):
-                results = pool.imap(_encode_chunk, group) if pool else map(_encode_chunk, group)
-                for split, ids, n_bytes, n_docs in results:
-                    np.asarray(ids, dtype=dtype).tofile(out[split])
-                    totals[split]["tokens"] += len(ids)
-                    totals[split]["bytes"] += n_bytes
-                    totals[split]["documents"] += n_docs
-                    bar.update(n_bytes)
-        finally:
-            if pool is not None:
-                pool.terminate()
-        for split, t in totals.items():
-            if t["tokens"] == 0:
-                raise ValueError(
-                    f"the {split} split of {data!r} is empty ({totals['train']['documents']} "
-                    f"train documents, val_fraction={fraction}); raise max_docs or val_fraction")
-    meta = {"key": key, "source": data, "tokenizer_hash": tokenizer.hash,
-            "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "bos_eos": True,
-            "split_by": "val file" if val_files else f"fraction {fraction}",
-            **{field: {s: t[field] for s, t in totals.items()}
-               for field in ("tokens", "documents", "bytes")}}
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks complete
-    if verbose:
-        tqdm.write(f"shards in {folder}: " + ", ".join(
-            f"{s} {t['tokens']:,} tokens / {t['documents']:,} docs" for s, t in totals.items()))
-    return Shards.load(folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,9 +339,9 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: t
     if world > 1:
         per_rank = B // world
         starts = starts[rank * per_rank:(rank + 1) * per_rank]  # (B / world,)
-    rows = np.asarray(tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # (B, T+1)
-    buf = torch.from_numpy(rows)
-    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
+    idx = starts[:, None] + np.arange(T + 1)  # (B, T+1)
+    buf = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    x, y = buf[:, :-1].contiguous(), _masked(buf[:, 1:].contiguous(), tokens, idx[:, 1:])  # (B, T)
     if torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -427,11 +358,24 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
     for first in range(0, n_full, batch_size):
         idx = np.arange(first, min(first + batch_size, n_full))[:, None] * T + np.arange(T + 1)
         buf = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))  # (B, T+1)
-        yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
+        y = _masked(buf[:, 1:].contiguous(), tokens, idx[:, 1:])
+        yield buf[:, :-1].contiguous().to(device), y.to(device)
     tail = len(tokens) - 1 - n_full * T
     if tail:
-        buf = torch.from_numpy(np.asarray(tokens[n_full * T:], dtype=np.int64))[None]  # (1, t+1)
-        yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
+        idx = np.arange(n_full * T, len(tokens))[None]  # (1, t+1)
+        buf = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+        yield buf[:, :-1].contiguous().to(device), _masked(buf[:, 1:].contiguous(), tokens,
+                                                          idx[:, 1:]).to(device)
+
+
+def _masked(y: torch.Tensor, tokens, idx: np.ndarray) -> torch.Tensor:
+    """Targets outside the stored loss mask (if the corpus has one) set to -100, the index
+    the loss ignores: pretraining on chat trains only the tokens its mask mode selects."""
+    mask = getattr(tokens, "mask", None)
+    if mask is None:
+        return y
+    y[torch.from_numpy(np.asarray(mask[idx]) == 0)] = -100
+    return y
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,3 +396,4 @@ from minlm.chatdata import (  # noqa: E402 - re-exported: data.py is where peopl
     render_chat,
     write_conversations,
 )
+from minlm.prepare import prepare  # noqa: E402 - the trainer and notebooks call data.prepare

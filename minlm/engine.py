@@ -235,7 +235,7 @@ class Engine:
             self._save_weights(model_state)
             runs.write_log(self.run_dir, self.log_rows, self.columns)
         except OSError as e:
-            self.fail(f"could not write the checkpoint of step {self.step}: {e}")
+            self.fail(str(e))  # "could not write <file>: why" (runs._write_errors)
             return False
         self.folder.promote()  # overwrite=true: the old run goes only now
         self.last_checkpoint = self.step
@@ -367,13 +367,18 @@ class Engine:
         cfg, obj = self.cfg, self.objective
         self.start_time = time.perf_counter()
         self.last_checkpoint = self.step if self.resumed else -1
-        bar = tqdm(total=None if cfg.max_minutes else cfg.max_iters, initial=self.step,
-                   unit="step", disable=not (cfg.verbose and self.dist.is_main),
+        # on a time budget the bar counts seconds of the budget (a large max_iters would give a
+        # bogus ETA); otherwise steps of max_iters
+        budget_s = 60 * cfg.max_minutes if cfg.max_minutes else 0.0
+        bar = tqdm(total=round(budget_s) if budget_s else cfg.max_iters,
+                   initial=min(round(self.elapsed()), round(budget_s)) if budget_s else self.step,
+                   unit="s" if budget_s else "step", disable=not (cfg.verbose and self.dist.is_main),
                    dynamic_ncols=True, desc=self.folder.final.name)
         self.model.train()
         if self.dist.is_main and cfg.logger:
             settings = runs.portable({**self.model_cfg.to_dict(), **cfg.to_dict()})
             self.loggers = make_loggers(cfg.logger, self.run_dir, self.folder.final.name, settings)
+        ended = False
         with self._signals():
             try:
                 if obj.eval_at_start and not self.resumed:
@@ -385,12 +390,15 @@ class Engine:
                                 **({"val_loss": self.first_val[0],
                                     **{f"val_{k}": v for k, v in self.first_val[1].items()}}
                                    if self.first_val else {})})
-                self._loop(bar)
+                self._loop(bar, budget_s)
+                ended = True
             except (RuntimeError, MemoryError) as e:
                 if not memory.is_out_of_memory(e):
                     raise
                 raise MemoryError(memory.oom_message(self.model, cfg, self.model_cfg)) from None
             finally:
+                if ended:  # a stop or the budget ends the bar as done, not red (tqdm's error look)
+                    bar.total = bar.n = max(bar.n, 1)
                 bar.close()
             try:
                 return self._finish()
@@ -398,28 +406,38 @@ class Engine:
                 for logger in self.loggers:
                     logger.close(self.meta.get("status", "failed"))
 
-    def _loop(self, bar) -> None:
+    def _loop(self, bar, budget_s: float) -> None:
         cfg, obj = self.cfg, self.objective
         interval = (time.perf_counter(), 0)
+        last_step_s = last_eval_s = 0.0  # to end a budgeted run before it overruns
         while self.step < cfg.max_iters and not self._should_stop():
             lr = self.lr()
+            t0 = time.perf_counter()
             done = self.train_step(lr)
             if done is None:
                 break
+            last_step_s = time.perf_counter() - t0
             loss, grad_norm, figures, tokens = done
             self.step += 1
             self.tokens += tokens
             interval = (interval[0], interval[1] + tokens)
-            bar.update(1)
-            out_of_time = bool(cfg.max_minutes) and self.elapsed() > 60 * cfg.max_minutes
+            bar.update(min(round(self.elapsed()), round(budget_s)) - bar.n if budget_s else 1)
+            # stop when another step and the final evaluation would not fit in the budget
+            out_of_time = bool(budget_s) and self.elapsed() + last_step_s + last_eval_s > budget_s
             if out_of_time:  # the run ends here, on an evaluation
                 self.stop.set(self.budget_reason)
             at_eval = (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
                        or out_of_time or obj.epoch_ended())
-            if self.step % cfg.log_interval == 0 or at_eval:
+            stopping = self.stop.is_set()  # the last step is logged: the log ends where the run does
+            if self.step % cfg.log_interval == 0 or at_eval or stopping:
+                t0 = time.perf_counter()
                 self.log(lr, loss, grad_norm, figures, interval, at_eval)
-                left = f"{cfg.max_minutes - self.elapsed() / 60:.1f}" if cfg.max_minutes else None
-                bar.set_postfix(loss=f"{loss:.3f}", **({"min_left": left} if left else {}))
+                if at_eval:
+                    last_eval_s = time.perf_counter() - t0
+                left = (f"{max(0.0, cfg.max_minutes - self.elapsed() / 60):.1f}"
+                        if cfg.max_minutes else None)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.log_rows[-1]['tokens_per_s']:,.0f}",
+                                **({"min_left": left} if left else {}))
                 interval = (time.perf_counter(), 0)
             if self.step % cfg.checkpoint_interval == 0 and not self.bad_in_a_row:
                 self.checkpoint()
@@ -483,7 +501,7 @@ class Engine:
             name = runs.WEIGHTS if self.objective.final_is_best else runs.BEST_WEIGHTS
             runs.save_weights(self.run_dir, self.objective.export(self.model), filename=name)
         except OSError as e:
-            self.fail(f"could not write the best weights: {e}")
+            self.fail(str(e))  # "could not write <file>: why"
         finally:
             if not self.objective.final_is_best:
                 with torch.no_grad():

@@ -37,7 +37,15 @@ from minlm.chatdata import (
     read_preferences,
     resolve_chat_file,
 )
-from minlm.config import ConfigError, Device, Precision, _fail, _Serialisable, logger_names
+from minlm.config import (
+    ConfigError,
+    Device,
+    Precision,
+    _fail,
+    _Serialisable,
+    check_folder_name,
+    logger_names,
+)
 from minlm.engine import Engine, StopFlag
 from minlm.lora import (  # noqa: F401 - re-exported: the public fine-tuning API
     LoRALinear,
@@ -104,8 +112,8 @@ class _TuneConfig(_Serialisable):
     logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (see minlm.loggers)
 
     def __post_init__(self) -> None:
-        self._check_types()
-        self._require_finite()
+        self._check_types()  # also rejects NaN / infinity in float fields
+        check_folder_name("run_name", self.run_name)
         self._require(("epochs", "batch_size", "log_interval", "checkpoint_interval",
                        "keep_checkpoints", "max_bad_steps"), lambda v: v >= 1,
                       "must be a positive integer")
@@ -264,15 +272,19 @@ def finetune(kind: str, run, cfg: _TuneConfig, stop: StopFlag | None = None,
     if run_dir.resolve() == parent.path.resolve():
         raise runs.RunError(f"run_name={run_dir.name!r} is the parent run itself; choose "
                             "another run_name")
+    # the checks that only read come before the data is read and anything is written
+    if RunFolder.check(run_dir.parent, run_dir.name, cfg.resume, cfg.overwrite) and cfg.resume:
+        _check_resume(run_dir, cfg)
     load = _load_sft if kind == "sft" else _load_dpo
     train_items, val_items, data_meta = load(cfg, data_path, tokenizer, max_len, say)
     if not train_items:
-        raise ValueError(f"no training examples left in {data_path} ({data_meta}); use more "
-                         "data or a lower val_fraction")
+        empty = data_meta.get("dropped_empty", 0) >= data_meta.get("conversations", 1)
+        raise ValueError(f"no training examples left in {data_path} ({data_meta}); "
+                         + ("no conversation has a turn to learn from (in mode='response': "
+                            "an assistant reply); check the roles" if empty else
+                            "use more data or a lower val_fraction"))
     folder = RunFolder(run_dir.parent, run_dir.name, cfg.resume, cfg.overwrite, say)
     try:
-        if folder.resuming:
-            _check_resume(folder.final, cfg)
         torch.manual_seed(cfg.seed)
         params = model.num_params()
         lora_layers = (add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,

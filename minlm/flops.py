@@ -1,7 +1,9 @@
 """Model FLOPs per token and the device's peak, for model FLOPs utilisation (MFU).
 
 FLOPs per token follow the PaLM appendix: 6 x (parameters in matmuls) for forward and
-backward, plus 12 x layers x heads x head size x context for attention scores. Peaks: a
+backward, plus 3 x the forward FLOPs each layer's token mixer declares in its registration
+beyond its weights (attention: 4 x heads x head size x context for scores and weighted sum,
+hence PaLM's 12 x layers x heads x head size x context). Peaks: a
 table of dense bf16/fp32 figures for common GPUs, and for CPUs a short matmul probe at
 start-up whose result is cached per machine.
 """
@@ -30,17 +32,28 @@ GPU_PEAKS = {
 def flops_per_token(cfg: ModelConfig, n_params_matmul: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token of context ``cfg.block_size``."""
     if n_params_matmul is None:
-        from minlm.runs import estimate_params
+        from minlm.memory import estimate_params
 
         # lookups cost no matmul: drop the position table, and the token table unless it is
         # tied to the head (then it is counted once, as the head's matmul)
         n_params_matmul = (estimate_params(cfg)
                            - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
                            - cfg.block_size * cfg.dim * (cfg.position == "learned"))
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * cfg.block_size
-    if cfg.mixer != "attention":
-        attention = 0
-    return 6 * n_params_matmul + attention
+    return 6 * n_params_matmul + 3 * mixer_flops_per_token(cfg, cfg.block_size)
+
+
+def mixer_flops_per_token(cfg: ModelConfig, T: int) -> float:
+    """Forward FLOPs per token of every layer's token mixer(s) beyond their weight matmuls,
+    at context ``T``, as each mixer's registration declares them."""
+    from minlm.modules.block import layer_layouts
+    from minlm.modules.registry import mixer_spec
+
+    total = 0.0
+    for layout in layer_layouts(cfg):
+        for step in (p for group in layout for s in group for p in s.split("|")):
+            if step not in ("norm", "mlp", "moe", "+"):
+                total += mixer_spec(cfg.mixer if step == "mixer" else step).flops(cfg, T)
+    return total
 
 
 def _cache_file() -> Path:

@@ -7,14 +7,15 @@ is what the tests check. Prompts of different lengths are left-padded: each row 
 positions (its first real token is position 0) and padding is masked out of attention and
 skipped by recurrent mixers, so a row comes out as if it had been generated alone.
 
-Cached steps of the standard pre-norm transformer block (Llama, GPT-2, ALiBi, windowed,
-GQA/MQA) run through ``FusedStep``, a hand-fused one-token step that is several times faster
-on a CPU than ``LM.forward``; other architectures step through ``LM.forward`` with the cache.
+Cached steps run ``LM.step``: the same modules as ``LM.forward``, each through its one-token
+``step()`` (for a mixer, ``TokenMixer.step``); while a trace records (forward hooks are
+registered) they run through ``LM.forward`` instead, so the hooks see every call.
 
-The context is the model's ``block_size`` (recurrent models without learned positions have
-no limit). A prompt longer than that is refused; when generation reaches the limit, the
-context slides: decoding continues from the last three quarters of the sequence, with
-positions counted from its start (one prefill, then the cache again).
+The context is the model's ``block_size`` (models whose mixers all keep a recurrent state,
+without learned positions, have no limit). A prompt longer than that is refused; when
+generation reaches the limit, the context slides: decoding continues from the last three
+quarters of the sequence, with positions counted from its start (one prefill, then the cache
+again).
 
 Dimension letters: B batch, T time, V vocabulary.
 """
@@ -28,9 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from minlm.kvcache import KVCache
-from minlm.modules.attention import attention_mask
-from minlm.modules.position import rotate_half_split
-from minlm.tracing import Identity
 
 # --- sampling ----------------------------------------------------------------------------
 
@@ -94,167 +92,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# --- the fused one-token step -------------------------------------------------------------
-
-def fused_step_problem(model) -> str:
-    """Why ``FusedStep`` cannot run ``model`` ("" when it can): it covers the standard pre-norm
-    block of plain linear layers (Llama, GPT-2, ALiBi, sliding-window and GQA/MQA variants)."""
-    from torch import nn
-
-    from minlm.modules import Attention, LearnedPositions
-    from minlm.modules.mlp import MLP
-
-    cfg = model.config
-    if cfg.mixer != "attention" or cfg.block_spec.split() != ["norm>attn>+", "norm>mlp>+"]:
-        return f"mixer={cfg.mixer!r}, block_spec={cfg.block_spec!r}"
-    if cfg.attn_softcap or cfg.qk_norm:
-        return "attention soft-capping or qk_norm"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return "forward hooks are registered (a trace is recording)"
-    if not isinstance(model.pos, (LearnedPositions, Identity)):
-        return f"position module {type(model.pos).__name__}"
-    for block in model.blocks:
-        parts = dict(block.named_children())
-        attn, mlp = parts.get("attn"), parts.get("mlp")
-        if type(attn) is not Attention or type(mlp) is not MLP:
-            return f"block parts {type(attn).__name__}/{type(mlp).__name__}"
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up, mlp.down]
-        linears += [mlp.gate] if mlp.gated else []
-        if any(type(m) is not nn.Linear for m in linears):  # e.g. BitLinear, LoRA wrappers
-            return "projections that are not plain nn.Linear"
-    return ""
-
-
-def _norm_fn(norm):
-    """The norm as one fused call where one exists with the same result, else its forward."""
-    from minlm.modules.norm import LayerNorm, RMSNorm
-
-    if type(norm) is RMSNorm and norm.weight is not None and norm.weight.dtype == torch.float32:
-        shape, weight, eps = (norm.weight.shape[0],), norm.weight, norm.eps
-        return lambda x: F.rms_norm(x, shape, weight, eps)
-    if type(norm) is LayerNorm:
-        return lambda x: F.layer_norm(x, (norm.dim,), norm.weight, norm.bias, norm.eps)
-    return norm.forward
-
-
-def _in_out(linears: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weights of linear layers side by side as one (in, out) matrix, and their joint bias.
-
-    Stored input-major so a (B, in) @ (in, out) product streams it row by row: for a single
-    token that is markedly faster on a CPU than ``F.linear``'s (out, in) layout.
-    """
-    weight = torch.cat([m.weight for m in linears]).t().contiguous()  # (in, out)
-    biases = [m.bias for m in linears]
-    return weight, None if any(b is None for b in biases) else torch.cat(biases)
-
-
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
-
-
-class FusedStep:
-    """One decoding step (one new token per row) of the model, fused by hand for CPU speed.
-
-    With a token at a time, a small model spends its time in per-op overhead and in reading
-    weights, not in arithmetic: this step joins the q/k/v projections and the gate/up
-    projections into one matrix product each (weights stored input-major), adds each residual
-    in the same call as its product (``addmm``), rotates q and k together, builds the mask and
-    RoPE tables once for all layers, lets SDPA broadcast grouped key/value heads (no
-    ``repeat_interleave``) and skips ``nn.Module`` dispatch. It reads and writes the same
-    ``KVCache`` as ``LM.forward`` (which still does the prefill) and matches it to float
-    rounding; the tests check this for every variant it accepts (see ``fused_step_problem``).
-    Weights are copied at construction, so build one per generation call.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model, max_len: int):
-        from minlm.modules import LearnedPositions, RoPE
-
-        problem = fused_step_problem(model)
-        if problem:
-            raise ValueError(f"FusedStep does not cover this model: {problem}")
-        cfg = model.config
-        self.H, self.K, self.D = cfg.n_heads, cfg.kv_heads, cfg.head_size
-        self.embed = model.embed.weight
-        self.embed_scale, self.softcap = cfg.embed_scale, cfg.logit_softcap
-        self.pos_table = model.pos.weight if isinstance(model.pos, LearnedPositions) else None
-        self.final_norm = _norm_fn(model.norm)
-        self.head = model.head.weight.t().contiguous()  # (C, V)
-        first = dict(model.blocks[0].named_children())["attn"]
-        self.rope = first.rope if isinstance(first.rope, RoPE) else None
-        if self.rope is not None and self.rope.cos.shape[0] < max_len:  # let RoPE grow its table
-            self.rope(self.embed.new_zeros(1, 1, 1, self.D),
-                      torch.tensor([max_len - 1], device=self.embed.device))
-        self.alibi, self.window = first.alibi, first.window
-        self.arange = torch.arange(max_len, device=self.embed.device)
-        self.layers = []
-        for block in model.blocks:
-            p = dict(block.named_children())
-            a, m = p["attn"], p["mlp"]
-            self.layers.append((
-                _norm_fn(p["norm1"]), *_in_out([a.q_proj, a.k_proj, a.v_proj]),
-                *_in_out([a.o_proj]), _norm_fn(p["norm2"]),
-                *_in_out([m.gate, m.up] if m.gated else [m.up]), m.act, m.gated,
-                *_in_out([m.down])))
-
-    def __call__(self, idx: torch.Tensor, positions: torch.Tensor | None,
-                 cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) after ``idx`` (B, 1); ``positions`` (B, 1) for padded rows, else None."""
-        B = idx.shape[0]
-        H, K, D = self.H, self.K, self.D
-        L = cache.length
-        pos = self.arange[L:L + 1] if positions is None else positions  # (1,) or (B, 1)
-        x = F.embedding(idx[:, 0], self.embed)  # (B, C): one token per row throughout
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        if self.pos_table is not None:
-            x = x + self.pos_table[pos.view(-1)]  # (1, C) or (B, C)
-        cache._record(pos, None, L, L + 1, x.device)
-        k_pos, valid = cache._positions(L + 1), cache._valid(L + 1)  # (S,) or (B, S); (B, S)
-        mask = None
-        if valid is not None or self.window or self.alibi is not None:
-            mask = attention_mask(pos, k_pos, self.window, valid)  # (1, S) or (B, 1, 1, S)
-            if self.alibi is not None:
-                mask = self.alibi(pos, k_pos).to(x.dtype).masked_fill(~mask, float("-inf"))
-        if self.rope is not None:
-            cos, sin = self.rope.cos[pos].to(x.dtype), self.rope.signed_sin[pos].to(x.dtype)
-            if cos.dim() == 3:
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D)
-        gqa = K != H
-        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_in, b_in, act, gated, w_down,
-                b_down) in enumerate(self.layers):
-            qkv = _project(norm1(x), w_qkv, b_qkv)  # (B, (H + 2K) D)
-            qk = qkv[:, :(H + K) * D].view(B, H + K, 1, D)  # (B, H+K, T=1, D)
-            if self.rope is not None:  # RoPE's half-split rotation, on q and k at once
-                qk = rotate_half_split(qk, cos, sin)
-            layer = cache.layer(i)
-            layer.k[:, :, L:L + 1] = qk[:, H:]
-            layer.v[:, :, L:L + 1] = qkv[:, (H + K) * D:].view(B, K, 1, D)
-            y = F.scaled_dot_product_attention(qk[:, :H], layer.k[:, :, :L + 1],
-                                               layer.v[:, :, :L + 1], attn_mask=mask,
-                                               enable_gqa=gqa)  # (B, H, 1, D)
-            y = y.reshape(B, H * D)  # (B, H*D): heads merged (T = 1)
-            x = torch.addmm(x if b_o is None else x + b_o, y, w_o)  # residual + projection
-            h = _project(norm2(x), w_in, b_in)  # (B, F) or (B, 2F)
-            if gated:
-                g, u = h.chunk(2, dim=-1)
-                h = act(g) * u
-            else:
-                h = act(h)
-            x = torch.addmm(x if b_down is None else x + b_down, h, w_down)
-        cache.advance(1)
-        logits = self.final_norm(x) @ self.head  # (B, V)
-        if self.softcap:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
-
-
 # --- decoding ----------------------------------------------------------------------------
 
 def context_limit(config) -> int | None:
-    """Most tokens the model sees at once: ``block_size``, or None for a recurrent model
-    without learned positions (its state carries any length)."""
-    if config.mixer != "attention" and config.position != "learned":
+    """Most tokens the model sees at once: ``block_size``, or None when every mixer in use
+    keeps a recurrent state and positions are not learned (the state carries any length)."""
+    from minlm.modules.block import layout_mixers
+    from minlm.modules.registry import mixer_spec
+
+    recurrent = all(mixer_spec(n).state == "recurrent" for n in layout_mixers(config))
+    if recurrent and config.position != "learned":
         return None
     return config.block_size
 
@@ -284,17 +131,20 @@ class TokenStream:
     when ``stop(row)`` is called; after that it repeats its fill id (the first eos id, else
     ``pad_id``), and iteration ends when every row is finished or after ``max_new_tokens``.
     ``keep_logits=True`` keeps each step's raw model logits (B, V) in ``self.logits``.
+    ``n_ids`` (the tokenizer's vocabulary size) masks the ids of a larger model vocabulary,
+    which training allows but no tokenizer could decode.
     ``use_cache=False`` recomputes the context every step (the reference the tests compare
-    with); ``fused=False`` runs cached steps through ``LM.forward`` instead of ``FusedStep``.
+    with); ``fast=False`` runs cached steps through ``LM.forward`` instead of ``LM.step``.
     The model is put in eval mode for the duration (and restored afterwards).
     """
 
     def __init__(self, model, prompts: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
                  *, eos_id: int | Iterable[int] | None = None, pad_id: int = 0,
-                 use_cache: bool = True, fused: bool = True, keep_logits: bool = False,
+                 use_cache: bool = True, fast: bool = True, keep_logits: bool = False,
                  temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None):
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 n_ids: int | None = None):
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
@@ -339,9 +189,10 @@ class TokenStream:
             self.seen[:, pad_id] = torch.tensor([pad_id in r for r in rows], device=device)
         max_len = self.limit or P + max_new_tokens
         self.cache = KVCache.for_model(model, B, max_len) if use_cache else None
-        self.step = (FusedStep(model, max_len)
-                     if use_cache and fused and not fused_step_problem(model) else None)
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        self.fast = use_cache and fast and not hooked
         self.keep_logits, self.logits = keep_logits, []
+        self.n_ids = n_ids if n_ids is not None and n_ids < cfg.vocab_size else None
         self._iter = None
 
     @property
@@ -386,6 +237,9 @@ class TokenStream:
             self.model.train(was_training)
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.n_ids is not None:  # ids past the tokenizer's vocabulary are never sampled
+            logits = logits.clone()
+            logits[:, self.n_ids:] = float("-inf")
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.repetition_penalty)
         return sample_next(logits, self.temperature, self.top_k, self.top_p, self.min_p,
@@ -406,8 +260,8 @@ class TokenStream:
         if self.valid is not None:
             positions = self.next_pos[:, None]  # (B, 1)
             self.next_pos = self.next_pos + 1
-        if self.step is not None:
-            return self.step(idx, positions, self.cache)
+        if self.fast:
+            return self.model.step(idx, self.cache, positions)
         logits, _ = self.model(idx, positions=positions, cache=self.cache)
         return logits[:, -1]
 
@@ -515,6 +369,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100,
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     s = TokenStream(model, [encode_prompt(tokenizer, prompt)], max_new_tokens,
                     eos_id=_end_ids(tokenizer), pad_id=tokenizer.pad_id, use_cache=use_cache,
+                    n_ids=tokenizer.vocab_size,
                     **sampling)
     return _stream_text(s, _Detokenizer(tokenizer, stops))
 
@@ -567,7 +422,8 @@ def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     s = TokenStream(model, prompt_ids, max_new_tokens, eos_id=_end_ids(tokenizer),
-                    pad_id=tokenizer.pad_id, use_cache=use_cache, **sampling)
+                    pad_id=tokenizer.pad_id, use_cache=use_cache, n_ids=tokenizer.vocab_size,
+                    **sampling)
     detoks = [_Detokenizer(tokenizer, stops) for _ in prompts]
     ends = set(s.eos.tolist())
     finish = ["length"] * len(prompts)
@@ -657,6 +513,7 @@ class Chat:
         ends = _end_ids(tok, [self.special["end"]] if self.special else [])
         stops = [] if self.special else ["\nUser:", "User:"]
         s = TokenStream(self.model, [ids], self.max_new_tokens, eos_id=ends, pad_id=tok.pad_id,
+                        n_ids=tok.vocab_size,
                         **self.sampling)
         pieces = []
         for piece in _stream_text(s, _Detokenizer(tok, stops)):

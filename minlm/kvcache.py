@@ -6,7 +6,8 @@ takes a ``KVCache`` and hands block ``i`` its per-layer view ``cache.layer(i)``:
 
 - attention calls ``update(k, v, positions, key_valid)``: the new keys/values are written into
   a buffer allocated once for ``max_len`` slots, and the layer attends to all slots so far;
-- a recurrent mixer (the MLGRU) reads and writes the view's ``state`` attribute instead.
+- a recurrent mixer (the MLGRU, Mamba, Griffin) reads and writes the view's ``state``
+  attribute instead (any object: a tensor, or a tuple of them).
 
 Rows of a batch may be left-padded: ``positions`` (B, T) give each row its own positions and
 ``key_valid`` marks real tokens (pad slots are never attended to). Positions and validity are
@@ -29,6 +30,16 @@ class LayerCache:
         self.k: torch.Tensor | None = None  # (B, K, L, D)
         self.v: torch.Tensor | None = None
         self.state = None  # a recurrent mixer's state after the last token, e.g. (B, C)
+        self._slots: dict[int, LayerCache] = {}  # further mixers of the same layer
+
+    def slot(self, i: int) -> LayerCache:
+        """The cache of the layer's mixer number ``i`` (0: this one); a layout with two mixers
+        in one layer gives each its own keys/values or state."""
+        if i == 0:
+            return self
+        if i not in self._slots:
+            self._slots[i] = LayerCache(self.parent)
+        return self._slots[i]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                key_valid: torch.Tensor | None = None):
@@ -44,9 +55,9 @@ class LayerCache:
         if end > c.max_len:
             raise ValueError(f"the KV cache holds {c.max_len} tokens and is full: {start} cached "
                              f"+ {T} new; allocate it with a larger max_len")
-        if self.k is None:
+        if self.k is None:  # values may have their own head count and size (differential attn)
             self.k = k.new_zeros(B, K, c.max_len, D)  # (B, K, L, D)
-            self.v = v.new_zeros(B, K, c.max_len, D)
+            self.v = v.new_zeros(B, v.shape[1], c.max_len, v.shape[-1])
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         c._record(positions, key_valid, start, end, k.device)
@@ -71,6 +82,9 @@ class KVCache:
         self._row_positions = False  # True once any call gave (B, T) positions
         self._valid_buf: torch.Tensor | None = None  # (B, L), allocated at the first padded call
         self._recorded_until = 0  # slots whose positions/validity are stored (the first layer)
+        # what every layer would otherwise recompute in one decoding step (RoPE tables, ...),
+        # keyed by its maker; emptied when the step ends
+        self.step_memo: dict = {}
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -82,15 +96,18 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+        self.step_memo.clear()
 
     def reset(self) -> None:
         """Forget every token (buffers are kept and overwritten)."""
         self.length = self._recorded_until = 0
+        self.step_memo.clear()
         self._row_positions = False
         if self._valid_buf is not None:
             self._valid_buf.fill_(True)
         for layer in self._layers:
-            layer.state = None
+            for part in (layer, *layer._slots.values()):
+                part.state = None
 
     # --- positions and validity, shared by every layer ------------------------------------
     def _record(self, positions: torch.Tensor, key_valid: torch.Tensor | None, start: int,

@@ -6,21 +6,43 @@ Dimension letters: B batch, T time, C model width, V vocabulary.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from minlm import tracing
+import minlm.tracing as tracing
 from minlm.config import ModelConfig
 from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
+from minlm.modules.fastpath import joint_linear
 from minlm.tracing import Identity, LoggingModule
 
-# projections that write to the residual stream (attention/MLGRU output, MLP or KAN down)
-RESIDUAL_OUTPUTS = ("o_proj.weight", "down.weight", "down.base_weight", "down.spline_weight")
+# projections that write to the residual stream (mixer outputs, MLP or KAN down)
+RESIDUAL_OUTPUTS = ("o_proj.weight", "out_proj.weight", "down.weight", "down.base_weight",
+                    "down.spline_weight")
 # T-Fixup shrinks the value path: values, outputs, MLP (and MLGRU candidate) weights
-TFIXUP_SHRUNK = ("v_proj.weight", "o_proj.weight", "c_proj.weight", "up.weight", "gate.weight",
-                 "down.weight", "embed.weight")
+TFIXUP_SHRUNK = ("v_proj.weight", "o_proj.weight", "cand_proj.weight", "up.weight",
+                 "gate.weight", "down.weight", "embed.weight")
+# parameter names before the mixer registry (run folders and checkpoints saved then):
+# the token mixer was a block's ``attn`` child, the MLGRU candidate projection ``c_proj``
+_BLOCK_CHILD = r"^(blocks\.\d+\.(?:parallel\d*\.branches\.)?)"
+_LEGACY_KEYS = ((re.compile(_BLOCK_CHILD + r"attn\.c_proj\."), r"\1mixer.cand_proj."),
+                (re.compile(_BLOCK_CHILD + r"attn\."), r"\1mixer."))
+
+
+def remap_legacy_keys(state_dict: dict, prefix: str = "") -> None:
+    """Rename, in place, the keys of a state dict saved before the registry to today's names
+    (``blocks.0.attn.q_proj`` -> ``blocks.0.mixer.q_proj``, MLGRU ``c_proj`` -> ``cand_proj``)."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        new = key[len(prefix):]
+        for pattern, repl in _LEGACY_KEYS:
+            new = pattern.sub(repl, new)
+        if prefix + new != key and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(key)
 
 
 class LM(LoggingModule):
@@ -43,6 +65,9 @@ class LM(LoggingModule):
         self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
         self.aux_loss = torch.zeros(())  # last forward's mean load-balancing loss (0 without MoE)
         self.init_weights()
+        # every load_state_dict (load_run, resume, fine-tuning) accepts pre-registry names
+        self._register_load_state_dict_pre_hook(
+            lambda sd, prefix, *args: remap_legacy_keys(sd, prefix))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -68,6 +93,9 @@ class LM(LoggingModule):
                     p.mul_(shrink)
         if not cfg.tie_embeddings and cfg.init != "normal":
             nn.init.normal_(self.head.weight, 0.0, std)
+        for m in self.modules():  # parameters with their own rules (Mamba's A, Griffin's gates)
+            if hasattr(m, "reset_special_parameters"):
+                m.reset_special_parameters()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters (shared ones counted once); optionally without the embeddings."""
@@ -122,6 +150,32 @@ class LM(LoggingModule):
         if targets is None:
             return logits, None
         return logits, self._with_aux(masked_cross_entropy(logits, targets, loss_mask), aux)
+
+    def step(self, idx: torch.Tensor, cache, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) after one new token per row, ``idx`` (B, 1), given ``cache`` holding
+        the tokens before it (filled by a ``forward(..., cache=cache)`` prefill).
+
+        The same modules as ``forward``, each through its ``step()`` (one token, no sequence
+        axis; see ``TokenMixer.step``): the fast path of cached generation, proven equal to
+        ``forward`` for every registered mixer by the tests. Eval mode; forward hooks do not
+        fire (a trace records through ``forward``). ``positions`` (B, 1) for left-padded rows.
+        """
+        L = cache.length
+        if positions is None:
+            positions = torch.arange(L, L + 1, device=idx.device)  # (1,)
+        x = F.embedding(idx[:, 0], self.embed.weight)  # (B, C)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        if isinstance(self.pos, LearnedPositions):
+            x = self.pos(x.unsqueeze(1), positions.reshape(-1, 1)).squeeze(1)  # (B, C)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, positions, cache.layer(i))
+        cache.advance(1)
+        logits = joint_linear(self, ("head",), self.norm.step(x))  # (B, V)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def _with_aux(self, loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """The training loss adds the weighted load-balancing loss (MoE, training mode only)."""

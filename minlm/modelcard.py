@@ -51,6 +51,8 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
                           f"{tc.batch_size} x {mc.block_size} tokens"),
             ("precision", "bf16 autocast" if meta.get("bf16") else "fp32"),
             ("hardware", meta.get("hardware", meta.get("device", "?")))]
+    if meta.get("kind") == "import":  # not trained here: no optimizer, precision or hardware
+        rows = rows[:2] + [("imported from", f"`{meta.get('imported_from', '?')}`")]
     if last is not None:
         rows += [("steps", f"{int(last['step']):,}"), ("tokens seen", f"{int(last['tokens']):,}"),
                  ("wall time", f"{float(last['elapsed_s']) / 60:.1f} min")]

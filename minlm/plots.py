@@ -31,23 +31,44 @@ def lr_schedule_figure(*configs: TrainConfig, labels: list[str] | None = None) -
 
 
 @torch.no_grad()
-def attention_figure(model, tokenizer, text: str, layer: int = 0, max_heads: int = 4) -> Figure:
-    """Attention probabilities of one layer's heads for one sentence, tokens on both axes."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(text)
-    ids = ids[: model.config.block_size]
+def attention_probs(model, tokenizer, text: str, layer: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Attention probabilities ``(H, T, T)`` of one layer for ``text`` (after BOS), and the
+    token pieces that label both axes."""
+    n_layers = model.config.n_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer={layer} is out of range: the model has layers 0..{n_layers - 1}")
+    ids = ([tokenizer.bos_id] + tokenizer.encode(text))[: model.config.block_size]
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    t = model.trace(x, capture=[f"blocks.{layer}.attn.probs"])
-    probs = t.tensors[f"blocks.{layer}.attn.probs"][0].float().cpu()  # (H, T, T)
-    pieces = [tokenizer.id_to_piece(i) for i in ids]
-    n = min(max_heads, probs.shape[0])
-    fig = Figure(figsize=(3.2 * n, 3.4))
-    for h in range(n):
-        ax = fig.add_subplot(1, n, h + 1)
-        ax.imshow(probs[h], cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
-        ax.set_xticks(range(len(pieces)), pieces, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(pieces)), pieces if h == 0 else [""] * len(pieces), fontsize=6)
-    fig.tight_layout()
+    name = f"blocks.{layer}.mixer.probs"
+    probs = model.trace(x, capture=[name]).tensors[name][0].float().cpu()  # (H, T, T)
+    return probs, [tokenizer.piece_text(i) for i in ids]
+
+
+def attention_figure(model, tokenizer, text: str, layer: int = 0,
+                     heads: int | list[int] | None = None, max_heads: int = 4) -> Figure:
+    """Heatmaps of one layer's attention for one sentence: query tokens down, key tokens
+    across, one panel per head (``heads``: one index, a list, or the first ``max_heads``),
+    with a shared colour bar of the probability."""
+    probs, pieces = attention_probs(model, tokenizer, text, layer)
+    H, T = probs.shape[0], probs.shape[-1]
+    chosen = ([heads] if isinstance(heads, int) else list(heads) if heads is not None
+              else list(range(min(max_heads, H))))
+    bad = [h for h in chosen if not 0 <= h < H]
+    if bad:
+        raise ValueError(f"heads={bad} are out of range: layer {layer} has heads 0..{H - 1}")
+    labels = [p.replace("\n", "\\n") for p in pieces]
+    side = max(3.6, 0.32 * T)  # room for a readable label per token
+    fig = Figure(figsize=(side * len(chosen) + 1.2, side + 0.6))
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, h in zip(axes, chosen):
+        image = ax.imshow(probs[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer}, head {h}", fontsize=11)
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=9)
+        ax.set_yticks(range(T), labels if ax is axes[0] else [""] * T, fontsize=9)
+        ax.set_xlabel("attends to (key)", fontsize=9)
+    axes[0].set_ylabel("token (query)", fontsize=9)
+    fig.colorbar(image, ax=list(axes), fraction=0.046 / len(chosen), pad=0.02,
+                 label="attention probability")
     return fig
 
 
@@ -62,3 +83,9 @@ def bar_figure(labels: list[str], values: list[float], ylabel: str, title: str =
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def text_table(df):
+    """A table of generated texts for a notebook: line breaks kept as line breaks (pandas' own
+    HTML shows them as a literal ``\\n``) and text aligned left."""
+    return df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})

@@ -74,3 +74,19 @@ PRESETS["bitnet-1m"] = dict(PRESETS["llama-1m"], linear="bitlinear")
 PRESETS["moe-1m"] = dict(
     _LLAMA, vocab_size=1024, block_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
     n_experts=8, experts_top_k=2, hidden_dim=64, aux_loss_weight=0.01)
+
+# Mamba (Gu & Dao 2023): a stack of selective state-space mixers and no MLP (the Mamba block
+# is the whole layer); no position encoding (the recurrence is ordered).
+_RECURRENT = dict(vocab_size=2048, block_size=256, dim=128, n_heads=4, position="none",
+                  norm="rmsnorm", tie_embeddings=True, init="normal")
+PRESETS["mamba-1m"] = dict(_RECURRENT, n_layers=6, mixer="mamba", block_spec="norm>mixer>+")
+
+# Hawk (De et al. 2024): Griffin's recurrent block (conv + RG-LRU) and a SwiGLU MLP per layer.
+PRESETS["griffin-1m"] = dict(_RECURRENT, n_layers=3, mixer="griffin", activation="swiglu")
+
+# Griffin proper: two recurrent layers, then one of sliding-window (local) attention with RoPE,
+# repeated through the per-layer layout list (here 4 layers: griffin, griffin, attention, griffin).
+PRESETS["hybrid-1m"] = dict(
+    _RECURRENT, n_layers=4, n_kv_heads=2, mixer="griffin", activation="swiglu",
+    position="rope", window=64,
+    block_spec=["norm>mixer>+ norm>mlp>+", "norm>mixer>+ norm>mlp>+", "norm>attention>+ norm>mlp>+"])

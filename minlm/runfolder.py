@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from minlm.runs import RunError
+from minlm.runs import RunError, check_run_target
 
 
 def _pid_alive(pid: int) -> bool:
@@ -41,14 +41,7 @@ class RunFolder:
         self.say = say
         self._lock_fd = self._lock()
         try:
-            exists = self.final.is_dir() and any(self.final.iterdir())
-            if exists and not (resume or overwrite):
-                raise RunError(
-                    f"run {name!r} already exists in {self.final.parent}; pass resume=true to "
-                    "continue it, overwrite=true to start it again, or choose another run_name")
-            if exists and overwrite and not (self.final / "model_config.json").exists():
-                raise RunError(f"refusing to overwrite {self.final}: it does not look like a run "
-                               "folder (no model_config.json)")
+            exists = check_run_target(self.final, resume=resume, overwrite=overwrite)
             self.resuming = exists and resume
             self.staging = exists and overwrite
             self.path = (self.final.parent / f".{name}.staging-{os.getpid()}" if self.staging
@@ -59,6 +52,29 @@ class RunFolder:
         except BaseException:
             self.release()
             raise
+
+    @staticmethod
+    def check(out_dir, name: str, resume: bool, overwrite: bool) -> bool:
+        """The checks a run makes before any work, writing nothing (not even the lock file):
+        a run of that name being trained right now, then ``runs.check_run_target``. True when
+        the folder holds a run. ``RunFolder(...)`` checks again under the lock."""
+        final = Path(out_dir) / name
+        lock = final.parent / f".{name}.lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:  # no lock file: no one is training into it
+            fd = None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                raise RunError(f"run {name!r} in {final.parent} is in use by another training "
+                               f"(process {holder or '?'}); wait for it to finish, stop it, or "
+                               "choose another run_name") from None
+            finally:
+                os.close(fd)  # drops the shared lock taken to look
+        return check_run_target(final, resume=resume, overwrite=overwrite)
 
     @classmethod
     def follower(cls, out_dir, name: str, resuming: bool) -> RunFolder:

@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from minlm.config import ModelConfig, TrainConfig
 from minlm.data import data_dir
+from minlm.distributed import resolve_device  # the one check that the device exists
 from minlm.fileio import atomic_path, atomic_write_text
 from minlm.memory import estimate_params  # noqa: F401 - kept importable from runs
 from minlm.model import LM
@@ -62,9 +63,45 @@ def resolve_run_dir(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike
     candidate = base / str(name_or_path)
     if candidate.is_dir():
         return candidate
-    available = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
     raise RunError(f"no run folder {str(name_or_path)!r} (looked in {base}); available runs: "
-                   f"{', '.join(available) or 'none'}")
+                   f"{', '.join(run_names(base)) or 'none'}")
+
+
+def run_names(base: str | os.PathLike) -> list[str]:
+    """Names of the folders in ``base``, for messages that say which runs do exist."""
+    base = Path(base)
+    return sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "model_config.json").is_file() and (path / "train_config.json").is_file()
+
+
+def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,
+                     overwrite: bool = False, resumable: bool = True) -> bool:
+    """May a run write ``run_dir`` (``out_dir/run_name``)? Asked before any work is done, by
+    every command that writes a run. True when the folder holds a run (to resume or replace).
+
+    The name must be a plain folder name (the check ``TrainConfig.run_name`` applies);
+    ``resume`` needs the run to exist (the message lists those that do); an existing folder
+    needs ``resume`` or ``overwrite``; ``overwrite`` only ever replaces a run folder."""
+    from minlm.config import check_folder_name
+
+    run_dir = Path(run_dir)
+    check_folder_name("run_name", run_dir.name)
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and not exists:
+        there = ", ".join(run_names(run_dir.parent)) or "none"
+        raise RunError(f"cannot resume {run_dir.name!r}: there is no run of that name in "
+                       f"{run_dir.parent}; runs there: {there}")
+    if exists and not (resume or overwrite):
+        again = "pass resume=true to continue it, " if resumable else "pass "
+        raise RunError(f"run {run_dir.name!r} already exists in {run_dir.parent}; {again}"
+                       "overwrite=true to start it again, or choose another run_name")
+    if exists and overwrite and not is_run_folder(run_dir):
+        raise RunError(f"refusing to overwrite {run_dir}: it does not look like a run folder "
+                       "(no model_config.json and train_config.json); choose another run_name")
+    return exists
 
 
 def library_versions() -> dict[str, str]:
@@ -175,7 +212,8 @@ def write_log(run_dir: Path, rows: list[dict], columns: list[str] | None = None)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    atomic_write_text(run_dir / "log.csv", buf.getvalue())
+    with _write_errors(run_dir / "log.csv"):
+        atomic_write_text(run_dir / "log.csv", buf.getvalue())
 
 
 def append_log_row(run_dir: Path, row: dict, columns: list[str] | None = None) -> None:
@@ -221,20 +259,16 @@ def _parse(v: str) -> Any:
 
 
 @contextlib.contextmanager
-def _write_errors(path: Path):
+def _write_errors(path: Path, what: str = "", after: str = ""):
     """torch.save and safetensors report a failed write (a full disk, a file-size limit) as
-    RuntimeError ("enforce fail at inline_container.cc") or SafetensorError; turn those into
-    an OSError that names the file and the free space, as a plain write would."""
+    RuntimeError ("enforce fail at inline_container.cc") or SafetensorError; turn those, and
+    a plain OSError, into an OSError that names the file and says why (``write_failure``)."""
     try:
         yield
-    except OSError:
-        raise
     except Exception as e:  # noqa: BLE001 - narrowed just below
-        if not isinstance(e, RuntimeError) and type(e).__name__ != "SafetensorError":
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
             raise
-        free = shutil.disk_usage(path.parent).free
-        raise OSError(f"could not write {path} ({free / 2**20:.1f} MiB free there): "
-                      f"{str(e).splitlines()[0][:200]}") from None
+        raise OSError(f"could not write {what}{path}: {write_failure(path.parent, e)}{after}") from e
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -251,7 +285,8 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     path = run_dir / f"checkpoint-{step:08d}.pt"
-    with atomic_path(path) as tmp, _write_errors(path):
+    with atomic_path(path) as tmp, _write_errors(path, "the checkpoint ",
+                                                 "; the previous checkpoint is kept"):
         torch.save(state, tmp)
     for _, old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
@@ -271,13 +306,47 @@ def load_checkpoint(run_dir: Path, log=print) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file means: try the next one
-            errors.append(f"{path.name}: {str(e).splitlines()[0][:200]}")
+            errors.append(f"{path.name}: {_unreadable(e)}")
             log(f"checkpoint {path.name} is unreadable ({errors[-1]}); trying an older one")
             continue
         if errors:
             log(f"resuming from {path.name} (step {step})")
         return state
     raise RunError(f"no readable checkpoint in {run_dir}: " + "; ".join(errors))
+
+
+def write_failure(folder: Path, e: BaseException) -> str:
+    """Why a write failed, in words (torch reports a full disk as "enforce fail at
+    inline_container.cc" with no errno): the disk, the file size limit, or the OS's reason."""
+    import errno
+
+    free = shutil.disk_usage(folder).free if Path(folder).exists() else 0
+    where = f"{free / 2**20:.1f} MiB free in {folder}"
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC:
+        return f"the disk is full ({where})"
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limited = limit != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        limit, limited = 0, False
+    if code == errno.EFBIG or limited:
+        return f"the file size limit was reached (ulimit -f: {limit:,} bytes; {where})"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({where})"
+    return f"the disk is full or not writable ({where})"
+
+
+def _unreadable(e: Exception) -> str:
+    """Why torch could not load a checkpoint, without torch's advice to retry with
+    ``weights_only=False``: that is exactly the unsafe step (it runs pickled code)."""
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds pickled Python objects besides tensors; refused, because loading "
+                "them could run code (minlm checkpoints hold only tensors and plain values)")
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -306,11 +375,33 @@ def read_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict]:
     missing = [f for f in ("model_config.json", "train_config.json") if not (run_dir / f).exists()]
     if missing:
         raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
-    model_cfg = ModelConfig.from_json(run_dir / "model_config.json")
-    data = json.loads((run_dir / "train_config.json").read_text())
+    model_cfg = _config_from(run_dir / "model_config.json", ModelConfig.from_dict)
+    data = _read_json_object(run_dir / "train_config.json")
     meta = data.pop("meta", {})
     known = set(TrainConfig.field_names())
-    return model_cfg, TrainConfig.from_dict({k: v for k, v in data.items() if k in known}), meta
+    train_cfg = _config_from(run_dir / "train_config.json", TrainConfig.from_dict,
+                             {k: v for k, v in data.items() if k in known})
+    return model_cfg, train_cfg, meta
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: config JSON is not valid ({e}); the file is torn or was edited "
+                       "by hand") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: config JSON is not valid: it holds a {type(data).__name__}, "
+                       "expected an object of settings")
+    return data
+
+
+def _config_from(path: Path, build, data: dict | None = None):
+    """A config built from ``path`` (or its already-read ``data``); errors name the file."""
+    try:
+        return build(_read_json_object(path) if data is None else data)
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{path}: {e}") from None
 
 
 def find_tokenizer_file(run_dir: Path) -> Path:
@@ -323,6 +414,7 @@ def find_tokenizer_file(run_dir: Path) -> Path:
 def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
              runs_dir: str | os.PathLike | None = None) -> Run:
     """Model + tokenizer ready for inference, from a run folder or a run name."""
+    device = resolve_device(device) if isinstance(device, str) and ":" not in device else device
     run_dir = resolve_run_dir(name_or_path, runs_dir)
     missing = [f for f in REQUIRED_FILES if not (run_dir / f).exists()]
     if missing:
@@ -332,13 +424,46 @@ def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu"
     try:
         load_model(model, str(run_dir / WEIGHTS), strict=True)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types; name the file
-        raise RunError(f"cannot load weights from {run_dir / WEIGHTS}: {str(e).splitlines()[0]}") from None
+        why = weights_mismatch(model, run_dir / WEIGHTS) or str(e).splitlines()[0]
+        raise RunError(f"cannot load weights from {run_dir / WEIGHTS}: {why}") from None
     tokenizer = load_tokenizer(find_tokenizer_file(run_dir))
     expected = meta.get("tokenizer_hash")
     if expected and tokenizer.hash != expected:
         raise RunError(f"tokenizer in {run_dir} has hash {tokenizer.hash[:12]}, but the run was "
                        f"trained with {expected[:12]}")
     return Run(run_dir, model.to(device).eval(), tokenizer, model_cfg, train_cfg, meta)
+
+
+def weights_mismatch(model: LM, path: Path, shown: int = 4) -> str:
+    """How a weights file disagrees with the model its config builds: the tensors missing,
+    extra, or of another shape (torch says only "Error(s) in loading state_dict for LM")."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: the caller says so
+        return ""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = [f"{k}: file {list(saved[k])}, config {list(v)}" for k, v in expected.items()
+              if k in saved and saved[k] != v]
+    missing = [k for k in expected if k not in saved and not _tied(model, k, saved)]
+    extra = [k for k in saved if k not in expected]
+    parts = []
+    for what, items in (("shapes differ", shapes), ("missing", missing), ("unexpected", extra)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            parts.append(f"{what}: {'; '.join(items[:shown])}{more}")
+    if not parts:
+        return ""
+    return ("model_config.json does not match the weights (" + " | ".join(parts) + "); the "
+            "config was changed after training, or the weights belong to another run")
+
+
+def _tied(model: LM, key: str, saved: dict) -> bool:
+    """A tensor safetensors stored once under another name (e.g. a tied head)."""
+    params = dict(model.state_dict(keep_vars=True))
+    return any(k in saved and params[k] is params[key] for k in params if k != key)
 
 
 def list_runs(runs_dir: str | os.PathLike | None = None):
@@ -366,7 +491,12 @@ def list_runs(runs_dir: str | os.PathLike | None = None):
             "steps": int(last["step"]) if last is not None else 0,
             "tokens": int(last["tokens"]) if last is not None else 0,
             "elapsed_min": round(float(last["elapsed_s"]) / 60, 2) if last is not None else None,
-            "val_loss": float(last_eval["val_loss"]) if last_eval is not None else None,
+            "kind": meta.get("kind", "pretrain"),
+            # a DPO loss is not a language-model loss: it gets a column of its own
+            "val_loss": (float(last_eval["val_loss"]) if last_eval is not None
+                         and meta.get("kind") != "dpo" else None),
+            "val_dpo_loss": (float(last_eval["val_loss"]) if last_eval is not None
+                             and meta.get("kind") == "dpo" else None),
             "val_bpb": float(last_eval["val_bpb"]) if last_eval is not None else None,
             "status": meta.get("status", ""),
             "path": str(run_dir),

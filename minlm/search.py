@@ -1,12 +1,15 @@
-"""Hyperparameter search under a memory budget, with successive halving.
+"""Hyperparameter search under a memory budget, on Optuna, with successive halving.
 
 Every candidate is a dict of overrides on a base ``ModelConfig``/``TrainConfig`` (any field of
 either). Before a candidate trains, one real training step at its batch measures its peak
 memory; over the budget, it is skipped with the figures. Each trial that trains is a normal run
-folder. With successive halving, all trials first train to the first rung (a fraction of
-``max_iters``), the best 1/eta of them continue (exact resume from their checkpoint, so the
-learning-rate schedule is the one a straight run would follow) and the rest are cut; a trial
-whose memory goes over the budget during training is stopped and marked.
+folder. The candidates run as an Optuna study stored in SQLite: Optuna's successive-halving
+pruner stops a trial at a rung (a fraction of ``max_iters``) when it is not among the best
+1/eta of the trials that reached that rung, a killed search resumes where it stopped (a trial
+cut short by the kill resumes exactly from its checkpoint), and several processes can share
+one study. A trial whose memory goes over the budget during training is stopped and marked.
+Optuna rather than hand-written halving: its pruner, storage, heartbeats and retries are
+maintained and tested where many people use them.
 
     results = search(grid(dim=[64, 128], n_layers=[2, 4], lr=[1e-3, 3e-3]),
                      ModelConfig.from_preset("llama-1m"), TrainConfig(max_iters=600),
@@ -29,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minlm.config import ModelConfig, TrainConfig
+from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.loss import chunk_rows
 
@@ -252,36 +255,48 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
            name: str = "search", device: str | torch.device | None = None,
            callbacks: Sequence[Callable[[Trial, dict], None]] = (),
            compute_budget: float | None = None, max_params: int | None = None,
-           verbose: bool = True) -> SearchResult:
+           verbose: bool = True, storage: str | None = None,
+           heartbeat: int = 10) -> SearchResult:
     """Train each candidate (dicts of config overrides) as a run under
     ``train_cfg.out_dir/<name>/``, skipping those whose measured step memory exceeds
-    ``memory_budget`` (bytes or "2GB"), and cutting all but the best 1/``eta`` at each of
-    ``n_rungs`` rungs (``n_rungs=1``: no cutting). Returns the trials, best first in ``.table``.
+    ``memory_budget`` (bytes or "2GB"), and pruning with Optuna's successive-halving pruner at
+    ``n_rungs`` rungs (``n_rungs=1``: no pruning). Returns the trials, best first in ``.table``.
 
-    Every trial trains for ``train_cfg.max_iters`` steps, which favours the larger models. With
-    ``compute_budget`` (training FLOPs per trial) each trial instead gets the steps that budget
-    buys, so a model twice the size trains half as long, schedule included, and the rungs
-    compare trials at equal compute: the question a fixed amount of hardware time asks.
-    ``max_params`` skips (with the reason) candidates with more parameters.
+    The candidates are an Optuna study (grid order: each candidate once, queued in the order
+    given), stored by default in ``<out_dir>/<name>/study.db`` (SQLite; ``storage`` takes any
+    Optuna storage URL). Running the same search again resumes the study: finished trials are
+    read back, not repeated, and a trial whose process was killed is retried from its run
+    folder's last checkpoint once its heartbeat (every ``heartbeat`` seconds) has been silent
+    for three beats. Several processes running the same search share its trials.
+
+    The pruner is asynchronous (ASHA): a trial reaching a rung continues if it is among the
+    best 1/``eta`` of all trials that reached that rung so far, so the first trials are never
+    cut. Every trial trains for ``train_cfg.max_iters`` steps, which favours the larger
+    models. With ``compute_budget`` (training FLOPs per trial) each trial instead gets the
+    steps that budget buys, so a model twice the size trains half as long, schedule included,
+    and the rungs compare trials at equal compute: the question a fixed amount of hardware time
+    asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
-    from tqdm.auto import tqdm
-
     from minlm.memory import estimate_params, estimate_training_bytes
     from minlm.train import resolve_device
 
+    check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
     if not candidates:
         raise ValueError("no candidates to search; build them with grid(...) or "
                          "random_candidates(...)")
     if eta < 2 or n_rungs < 1:
         raise ValueError(f"eta={eta} must be >= 2 and n_rungs={n_rungs} >= 1")
+    if heartbeat < 1:
+        raise ValueError(f"heartbeat={heartbeat} must be a whole number of seconds >= 1")
     budget = parse_bytes(memory_budget)
     dev = resolve_device(str(device) if device is not None else train_cfg.device)
-    say = tqdm.write if verbose else (lambda *a, **k: None)
+    say = _say(verbose)
     out_dir = Path(train_cfg.out_dir) / name
     base_train = train_cfg.replace(out_dir=str(out_dir), verbose=False, resume=False)
 
     trials: list[Trial] = []
     configs: dict[str, tuple[ModelConfig, TrainConfig]] = {}
+    runnable: list[int] = []
     for i, overrides in enumerate(candidates):
         label = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in overrides.items())
@@ -289,6 +304,9 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
         trials.append(t)
         try:
             m, tc = split_overrides(overrides, model_cfg, base_train)
+            if compute_budget:
+                tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
+            configs[t.name] = (m, tc.replace(run_name=t.name))
             t.params = estimate_params(m)
             if max_params is not None and t.params > max_params:
                 t.status = "skipped"
@@ -315,42 +333,168 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
                         f"budget of {budget / 2**20:,.1f} MiB")
             say(f"{t.name}: skipped; {t.reason}")
             continue
-        if compute_budget:
-            tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
-        configs[t.name] = (m, tc.replace(run_name=t.name))
+        runnable.append(i)
 
-    active = [t for t in trials if t.name in configs]
-    rungs = {n: _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs) for n, (_, tc) in configs.items()}
-    n_rounds = max((len(r) for r in rungs.values()), default=0)
-    for r in range(n_rounds):
-        bar = tqdm(active, desc=f"rung {r + 1}/{n_rounds}", disable=not verbose)
-        for t in bar:
-            m, tc = configs[t.name]
-            rung = rungs[t.name][min(r, len(rungs[t.name]) - 1)]  # short lists: stay at the end
-            if t.steps < rung:
-                _train_to(t, m, tc.replace(resume=r > 0, overwrite=r == 0), rung, dev, budget,
-                          callbacks)
-        ranked = sorted((t for t in active if t.status == "trained"), key=lambda t: t.val_bpb)
-        if r == n_rounds - 1 or not ranked:
-            break
-        keep = ranked[:max(1, math.ceil(len(ranked) / eta))]
-        for t in ranked[len(keep):]:
-            t.status = "cut"
-            t.reason = (f"val bpb {t.val_bpb:.4f} at step {t.steps}, behind the best "
-                        f"{len(keep)} (best {keep[0].val_bpb:.4f})")
-            say(f"{t.name}: cut; {t.reason}")
-        active = keep
+    study = _open_study(out_dir, name, candidates, runnable, eta, n_rungs, storage, heartbeat)
+
+    def objective(trial) -> float:
+        import optuna
+
+        every = study.get_trials(deepcopy=False)
+        frozen = next(f for f in every if f.number == trial.number)
+        if "fixed_params" not in frozen.system_attrs:  # another process emptied the queue first
+            trial.set_user_attr("status", "none left")
+            return math.nan
+        i = trial.suggest_categorical("candidate", list(range(len(candidates))))
+        t = trials[i]
+        m, tc = configs[t.name]
+        # an earlier trial of this candidate (killed, interrupted) left its run folder: resume it
+        again = any(f.params.get("candidate") == i for f in every if f.number < trial.number)
+        trial.set_user_attr("pid", os.getpid())
+        rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
+        _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again), rungs,
+                     eta, dev, budget, callbacks)
+        for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "run_dir",
+                  "peak_memory", "params"):
+            trial.set_user_attr(k, getattr(t, k))
+        trial.set_user_attr("curve", [list(c) for c in t.curve])
+        say(f"{t.name}: {t.status}" + (f"; {t.reason}" if t.reason else
+                                       f", val bpb {t.val_bpb:.4f} at step {t.steps}"))
+        if t.status in ("cut", "over memory"):
+            raise optuna.TrialPruned()
+        if t.status == "interrupted":  # the trial fails; the next run of the search resumes it
+            raise KeyboardInterrupt(f"search interrupted in {t.name} at step {t.steps}; run it "
+                                    "again to resume")
+        return t.val_bpb if t.status == "trained" else math.nan
+
+    _work_on(study, objective, heartbeat, out_dir / "study.lock")
+    _read_back(study, trials, runnable)
     return SearchResult(trials)
 
 
-def _train_to(t: Trial, model_cfg: ModelConfig, train_cfg: TrainConfig, rung: int,
-              device: torch.device, budget: int | None, callbacks) -> None:
-    """Train (or resume) one trial until step ``rung``; update its figures and status."""
+def _say(verbose: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm.write if verbose else (lambda *a, **k: None)
+
+
+def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: list[int],
+                eta: int, n_rungs: int, storage: str | None, heartbeat: int):
+    """Create or load the study, and queue (once, under a file lock shared by every process
+    of this search) each runnable candidate no trial holds yet."""
+    import fcntl
+    import json
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or f"sqlite:///{out_dir.resolve() / 'study.db'}"
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta,
+                                                     min_early_stopping_rate=0)
+              if n_rungs > 1 else optuna.pruners.NopPruner())
+    keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
+    with open(out_dir / "study.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with warnings.catch_warnings():  # heartbeats are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=3, inherit_intermediate_values=True)
+            rdb = optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                heartbeat_stale_trial_callback=retry,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+        study = optuna.create_study(storage=rdb, study_name=name, direction="minimize",
+                                    pruner=pruner, load_if_exists=True)
+        saved = study.user_attrs.get("candidates")
+        if saved is None:
+            study.set_user_attr("candidates", keys)
+        elif saved != keys:
+            raise ValueError(f"study {name!r} in {url} holds other candidates ({len(saved)}, "
+                             f"not these {len(keys)}); give this search another name, or "
+                             "delete the study to start it again")
+        # candidates whose trials all failed (an error, Ctrl-C) are queued again
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        held = {f.params.get("candidate", f.system_attrs.get("fixed_params", {}).get("candidate"))
+                for f in study.get_trials(deepcopy=False, states=live)}
+        for i in runnable:
+            if i not in held:
+                study.enqueue_trial({"candidate": i})
+    return study
+
+
+def _work_on(study, objective, heartbeat: int, lock_path: Path) -> None:
+    """Take queued trials until none is left, then wait for those other processes still run
+    (a process that dies leaves its trial to whoever notices its silent heartbeat).
+
+    The file lock spans from seeing a queued trial to popping it (the objective's first act
+    is to let go), so two processes never race for the last one: the loser would make Optuna
+    start a trial the queue did not hold."""
+    import fcntl
+    import time
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    with open(lock_path, "w") as lock:
+        def popped(trial) -> float:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return objective(trial)
+
+        while True:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    fail_stale_trials(study)  # a killed process's trial goes back in the queue
+                states = {f.state for f in study.get_trials(deepcopy=False)}
+                if TrialState.WAITING in states:
+                    study.optimize(popped, n_trials=1, catch=(), gc_after_trial=False)
+                    continue
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            if TrialState.RUNNING not in states:
+                return
+            time.sleep(heartbeat)
+
+
+def _read_back(study, trials: list[Trial], runnable: list[int]) -> None:
+    """Fill each runnable trial from the last finished study trial of its candidate."""
+    from optuna.trial import TrialState
+
+    last = {}
+    for f in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                       TrialState.FAIL)):
+        if "candidate" in f.params and "steps" in f.user_attrs:
+            last[f.params["candidate"]] = f
+    for i in runnable:
+        t = trials[i]
+        if i not in last:
+            t.status, t.reason = "failed", "no finished trial in the study"
+            continue
+        attrs = last[i].user_attrs
+        for k in ("status", "reason", "steps", "tokens", "compute", "run_dir"):
+            setattr(t, k, attrs[k])
+        t.val_bpb = math.nan if attrs["val_bpb"] is None else float(attrs["val_bpb"])
+        t.curve = [tuple(c) for c in attrs["curve"]]
+
+
+def _train_trial(t: Trial, trial, study, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 rungs: list[int], eta: int, device: torch.device, budget: int | None,
+                 callbacks) -> None:
+    """Train (or resume) one trial to the end, reporting its val bits per byte to the pruner
+    at each rung before the last (as step ``eta**k`` for rung ``k``, so trials of different
+    lengths compare rung by rung); stop it when the pruner says so or its memory goes over."""
     from minlm.train import StopFlag, train
 
     stop = StopFlag()
     baseline = memory_in_use(device)
     per_token = flops_per_token(model_cfg)
+    t.status, t.reason, t.curve = "pending", "", []
 
     def watch(row: dict) -> None:
         if row.get("val_bpb") is not None:
@@ -364,8 +508,13 @@ def _train_to(t: Trial, model_cfg: ModelConfig, train_cfg: TrainConfig, rung: in
             t.reason = (f"used {used / 2**20:,.1f} MiB at step {row['step']}, over the budget "
                         f"of {budget / 2**20:,.1f} MiB")
             stop.set(t.reason)
-        elif row["step"] >= rung and row.get("val_bpb") is not None:
-            stop.set(f"search rung at step {rung}")
+        elif row["step"] in rungs[:-1] and row.get("val_bpb") is not None:
+            k = rungs.index(row["step"])
+            trial.report(row["val_bpb"], eta**k)
+            if trial.should_prune():
+                t.status = "cut"
+                t.reason = _cut_reason(study, row["val_bpb"], row["step"], eta**k, eta)
+                stop.set(f"pruned at the search rung at step {row['step']}")
         for cb in callbacks:
             cb(t, row)
 
@@ -375,8 +524,17 @@ def _train_to(t: Trial, model_cfg: ModelConfig, train_cfg: TrainConfig, rung: in
         t.status, t.reason = "failed", str(e).splitlines()[0][:300]
         return
     t.run_dir = str(result.run_dir)
-    if t.status != "over memory":
+    if t.status == "pending" and stop.reason.startswith("interrupted"):  # Ctrl-C in train()
+        t.status, t.reason = "interrupted", result.stopped
+    if t.status == "pending":
         t.status = "trained" if t.val_bpb == t.val_bpb else "failed"
         if t.status == "failed":
-            t.reason = f"no validation figure by step {result.steps}: {result.stopped}"
+            t.reason = f"no validation figure by step {result.step}: {result.stopped}"
 
+
+def _cut_reason(study, value: float, step: int, rung_key: int, eta: int) -> str:
+    others = sorted(f.intermediate_values[rung_key] for f in study.get_trials(deepcopy=False)
+                    if rung_key in f.intermediate_values)
+    keep = max(1, len(others) // eta)
+    return (f"val bpb {value:.4f} at step {step}, behind the best {keep} of {len(others)} "
+            f"trials at this rung (best {others[0]:.4f})")

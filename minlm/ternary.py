@@ -24,6 +24,7 @@ from minlm.model import LM
 from minlm.modules.bitlinear import BitLinear, PackedBitLinear
 
 FORMAT = "minlm-ternary-2bit"
+PACKED_NAME = "model.ternary.safetensors"  # the packed weights inside a run folder
 
 
 def _replace_bitlinears(model: nn.Module, make) -> int:
@@ -62,10 +63,19 @@ def pack_ternary_model(model: LM, path: str | os.PathLike,
 
 
 def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LM:
-    """An ``LM`` in eval mode whose BitLinear layers run from the packed 2-bit weights."""
+    """An ``LM`` in eval mode whose BitLinear layers run from the packed 2-bit weights.
+
+    ``path`` is the packed file, or a run folder holding it as ``model.ternary.safetensors``."""
     from safetensors import safe_open
     from safetensors.torch import load_model
 
+    if Path(path).is_dir():
+        folder, path = Path(path), Path(path) / PACKED_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {PACKED_NAME}; write one with "
+                                    "pack_ternary_model(model, folder / '" + PACKED_NAME + "')")
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"no packed model at {path}: no such file or run folder")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:

@@ -81,6 +81,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}; "
                             "use encode_batch() for a list of texts")
+        check_text(text)
         return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
 
     def encode_batch(self, texts: Iterable[str], bos: bool = False,
@@ -137,6 +138,17 @@ class Tokenizer:
 
 
 _COLOURS = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d3f8e2", "#fce1c8"]
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse text that is not valid Unicode: bytes that were not UTF-8 (a prompt from the
+    shell, a line on stdin) arrive as lone surrogates, which the tokenizers' C++ code
+    rejects with a bare cast error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (undecodable bytes at character {e.start}: "
+                         f"{text[e.start:e.end]!r}); give it as UTF-8 text") from None
 
 
 class TokenDisplay:
@@ -470,7 +482,12 @@ class HFTokenizer(Tokenizer):
 
     bos_id = property(lambda self: self._find(_BOS_NAMES, "bos"))
     eos_id = property(lambda self: self._find(_EOS_NAMES, "eos"))
-    pad_id = property(lambda self: self._find(_PAD_NAMES, "pad"))
+    @property
+    def pad_id(self) -> int:
+        """The pad token, or EOS where there is none (GPT-2 style files): pads are masked
+        wherever they are used, and a row that emits EOS has ended anyway."""
+        found = [self._ids[n] for n in _PAD_NAMES if n in self._ids]
+        return found[0] if found else self.eos_id
 
     def _skipped_ids(self) -> set[int]:  # GPT-2 style files have no pad; decode still works
         return {self._ids[n] for n in (*_BOS_NAMES, *_EOS_NAMES, *_PAD_NAMES) if n in self._ids}
@@ -619,10 +636,12 @@ def compression_table(tokenizers: Sequence[str | Tokenizer], documents: Sequence
     return pd.DataFrame(rows).sort_values("vocab_size", kind="stable").reset_index(drop=True)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from minlm.data import read_documents, resolve_text_files
+def main(argv: Sequence[str] | None = None) -> int:
+    """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
+    from minlm.errors import report_errors
 
     p = argparse.ArgumentParser(prog="python -m minlm.tokenizer", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a sentencepiece tokenizer")
     t.add_argument("data", help="dataset name (tinystories, shakespeare) or text file/folder")
@@ -635,6 +654,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("file", help="text file (documents as read by minlm.data.read_documents)")
     m.add_argument("tokenizers", nargs="+", help="tokenizer paths or shipped names")
     args = p.parse_args(argv)
+    return report_errors(lambda: _run(args), args.debug)
+
+
+def _run(args) -> None:
+    from minlm.data import read_documents, resolve_text_files
+
     if args.cmd == "train":
         train_files, _ = resolve_text_files(args.data)
         tok = SentencePieceTokenizer.train(train_files, args.vocab_size, args.model_type,
@@ -651,4 +676,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from minlm import distributed, memory, runs
 from minlm.config import ConfigError, ModelConfig, TrainConfig
-from minlm.data import prepare
+from minlm.data import _check_split, prepare
+from minlm.distributed import resolve_device  # noqa: F401 - kept importable from train
 from minlm.engine import Engine, StopFlag
 from minlm.flops import cpu_bf16_is_faster
 from minlm.model import LM
@@ -62,18 +63,6 @@ def saved_note(result) -> str:
     if result.exit_code not in (130, 143):
         return ""
     return f"; checkpoint of step {result.step} saved, continue with resume=true"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is invalid: no CUDA device is available; use device=cpu")
-    return torch.device(name)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -126,6 +115,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
 
     ``stop`` (a ``StopFlag``, e.g. a notebook's Stop button) ends the run after the current
     step; each callback receives every log row as a dict."""
+    if train_cfg.resume and not train_cfg.run_name:
+        there = ", ".join(runs.run_names(train_cfg.out_dir)) or "none"
+        raise ConfigError(f"resume=true needs run_name=<the run to continue>; runs in "
+                          f"{train_cfg.out_dir}: {there}")
     cfg = train_cfg if train_cfg.run_name else train_cfg.replace(run_name=default_run_name(train_cfg))
     say = tqdm.write if cfg.verbose else (lambda *a, **k: None)
     dist, device = distributed.setup(resolve_device(cfg.device))
@@ -151,18 +144,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
             f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but vocab_size="
             f"{model_cfg.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
     final = Path(cfg.out_dir) / cfg.run_name
-    exists = final.is_dir() and any(final.iterdir())
-    # the folder is locked and checked before the corpus is tokenized: fail in a second
+    # every check that only reads comes first, before the corpus is tokenized and before
+    # anything is written (the lock file included): a refused run leaves out_dir as it was
+    exists = RunFolder.check(cfg.out_dir, cfg.run_name, cfg.resume, cfg.overwrite)
+    state = None
+    if exists and cfg.resume:
+        _check_resume_configs(final, model_cfg, cfg)
+        if runs.list_checkpoints(final):
+            state = runs.load_checkpoint(final, log=say)
+    for turn in ("main", "others"):  # rank 0 tokenizes; the others then read its cache
+        if (turn == "main") == main:
+            shards = prepare(cfg.data, tokenizer, val_fraction=cfg.val_fraction,
+                             num_workers=cfg.num_workers, max_docs=cfg.max_docs,
+                             verbose=cfg.verbose and main)
+        distributed.barrier(dist)
+    for split in (shards.train, shards.val)[:2 if cfg.eval_iters else 1]:
+        _check_split(split, model_cfg.block_size)  # data too short: refused before the folder exists
+    # the folder is locked (and checked again, under the lock) once the inputs are good
     folder = RunFolder(cfg.out_dir, cfg.run_name, cfg.resume, cfg.overwrite, say) if main else None
     try:
-        if folder is not None and folder.resuming:
-            _check_resume_configs(final, model_cfg, cfg)
-        for turn in ("main", "others"):  # rank 0 tokenizes; the others then read its cache
-            if (turn == "main") == main:
-                shards = prepare(cfg.data, tokenizer, val_fraction=cfg.val_fraction,
-                                 num_workers=cfg.num_workers, max_docs=cfg.max_docs,
-                                 verbose=cfg.verbose and main)
-            distributed.barrier(dist)
         if cfg.epochs:
             step_tokens = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
             cfg = cfg.replace(max_iters=epochs_to_steps(cfg.epochs, len(shards.train), step_tokens))
@@ -187,8 +187,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
                 **({"parent": parent.name} if parent is not None else {})}
         engine = Engine(model, optimizer, objective, cfg, folder, model_cfg, meta, tokenizer,
                         stop, callbacks, dist, device, fwd, bf16, say)
-        if folder.resuming and runs.list_checkpoints(folder.final):
-            engine.restore(runs.load_checkpoint(folder.final, log=say))
+        if folder.resuming and state is not None:
+            engine.restore(state)
         elif folder.resuming:
             say(f"{cfg.run_name} has no checkpoint yet; starting it from step 0")
         if main:

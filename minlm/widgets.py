@@ -1,19 +1,34 @@
 """ipywidgets front ends for the notebooks: live training with a Stop button, sampling controls.
 
-Training runs in a background thread so the notebook stays responsive and the Stop button can
-be pressed; ``TrainingWidget.wait()`` joins it (a notebook cell calls it when it needs the
-result, and tests call ``stop_button.click()`` from Python).
+Training runs in a background thread so the notebook stays responsive. A kernel busy in a
+blocking cell queues the widgets' messages, so a click on Stop during "Run All" would only
+arrive after training; the notebook therefore waits with ``result = await widget``: while a
+cell awaits, ipykernel (7.4+) still dispatches widget messages, and Stop works. Interrupt
+(SIGINT) stops the run the way Ctrl-C does on the command line: the step finishes, checkpoint
+and weights are saved, and the result comes back. ``wait()`` is the blocking form, for scripts
+and tests (there Interrupt works too, Stop only from Python).
+
+Everything a widget shows after it is displayed is widget *state* (an ``HTML`` value, a
+progress value), never a display handle inside an ``Output`` widget: JupyterLab's widget
+manager drops such updates, so a streamed chat reply would never appear.
 """
 
 from __future__ import annotations
 
 import html
 import threading
+import time
+from pathlib import Path
 
 import ipywidgets as W
 
 from minlm.config import ModelConfig, TrainConfig
+from minlm.runs import read_log_rows
 from minlm.train import StopFlag, TrainResult, train
+
+INTERRUPTED = "interrupted (Interrupt)"
+# descriptions in full ("temperature", not "temperat…")
+_LABEL = {"style": {"description_width": "initial"}}
 
 
 class TrainingWidget:
@@ -27,12 +42,24 @@ class TrainingWidget:
         self.error: BaseException | None = None
         self.plot_every = plot_every
         self._thread: threading.Thread | None = None
-        self.progress = W.IntProgress(value=0, min=0, max=train_cfg.max_iters, description="step")
+        # set when training ends; waited on instead of Thread.join, which a KeyboardInterrupt
+        # can leave reporting a live thread as finished (Python 3.11)
+        self._done = threading.Event()
+        budget_s = int(60 * train_cfg.max_minutes) if train_cfg.max_minutes else 0
+        # on a time budget the bar shows seconds elapsed of the budget, else steps of max_iters
+        self.progress = W.IntProgress(value=0, min=0, max=budget_s or train_cfg.max_iters,
+                                      description="seconds" if budget_s else "step")
+        if train_cfg.resume:  # the plot goes on from where the run stopped
+            run_dir = Path(train_cfg.out_dir) / train_cfg.run_name
+            if (run_dir / "log.csv").exists():
+                self.rows = read_log_rows(run_dir)
         self.status = W.HTML("ready")
+        self.status.add_class("minlm-status")  # a handle for the browser test
+        self.progress.add_class("minlm-progress")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop",
                                     tooltip="finish the current step, save the run and stop")
         self.stop_button.on_click(lambda _: self.stop_flag.set("Stop button pressed"))
-        self.plot = W.Output()
+        self.plot = W.Image(format="png")  # the loss curves, redrawn as the value changes
         self.box = W.VBox([W.HBox([self.progress, self.stop_button]), self.status, self.plot])
 
     def _ipython_display_(self):
@@ -44,6 +71,7 @@ class TrainingWidget:
     def start(self) -> "TrainingWidget":
         if self._thread and self._thread.is_alive():
             raise RuntimeError("training is already running")
+        self._done.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -53,18 +81,67 @@ class TrainingWidget:
             self.status.value = "preparing data..."
             self.result = train(self.model_cfg, self.train_cfg, stop=self.stop_flag,
                                 callbacks=[self._on_row])
-            self.progress.value = self.result.step
-            self.status.value = f"<b>done</b>: {self.result}"
+            # a Stop is a normal end, not an error: the bar ends full and green
+            self.progress.max = max(1, self.progress.value if self.progress.description == "seconds"
+                                    else self.result.step)
+            self.progress.value = self.progress.max
+            self.progress.bar_style = "success"
+            word = f"stopped ({self.result.stopped})" if self.result.stopped else "done"
+            self.status.value = f"<b>{html.escape(word)}</b>: {html.escape(str(self.result))}"
         except BaseException as e:  # noqa: BLE001 - shown in the widget and re-raised by wait()
             self.error = e
-            self.status.value = f"<b style='color:#b00'>error</b>: {e}"
+            self.progress.bar_style = "danger"
+            self.status.value = f"<b style='color:#b00'>error</b>: {html.escape(str(e))}"
         finally:
             self.stop_button.disabled = True
+            self._done.set()
 
     def wait(self, timeout: float | None = None) -> TrainResult:
-        """Block until training ends; re-raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Block until training ends and return its result; re-raise its error if it failed.
+
+        A ``KeyboardInterrupt`` (Ctrl-C, or Interrupt in a notebook) stops the run gracefully:
+        the training thread finishes its step and saves checkpoint and weights, and the result
+        is returned. In a notebook prefer ``await widget``, which keeps Stop working."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and not self._done.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                self._done.wait(left)
+            except KeyboardInterrupt:
+                self.interrupt()
+        return self._outcome()
+
+    async def wait_async(self, timeout: float | None = None) -> TrainResult:
+        """``wait()`` for a notebook cell (``await widget``): widget events keep flowing while
+        it waits, and SIGINT (the toolbar's Interrupt) stops the run as ``wait()`` does."""
+        import asyncio
+        import signal
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, lambda *_: self.interrupt())
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while (self._thread is not None and not self._done.is_set()
+                   and (deadline is None or time.monotonic() < deadline)):
+                await asyncio.sleep(0.05)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return self._outcome()
+
+    def __await__(self):
+        return self.wait_async().__await__()
+
+    def interrupt(self) -> None:
+        """Stop after the current step, saving the run (what Interrupt and Ctrl-C do)."""
+        self.stop_flag.set(INTERRUPTED)
+        if self._thread is not None and not self._done.is_set():
+            self.status.value = "interrupted: finishing the step and saving the run..."
+
+    def _outcome(self) -> TrainResult:
         if self.error is not None:
             raise self.error
         if self.result is None:
@@ -73,7 +150,8 @@ class TrainingWidget:
 
     def _on_row(self, row: dict) -> None:
         self.rows.append(row)
-        self.progress.value = row["step"]
+        budget = self.progress.description == "seconds"
+        self.progress.value = min(self.progress.max, int(row["elapsed_s"]) if budget else row["step"])
         val = f", val bits/byte {row['val_bpb']:.3f}" if row.get("val_bpb") is not None else ""
         self.status.value = (f"step {row['step']}: train loss {row['train_loss']:.3f}{val}, "
                              f"{row['tokens_per_s']:,.0f} tokens/s")
@@ -99,12 +177,7 @@ class TrainingWidget:
         return fig
 
     def redraw(self) -> None:
-        fig = self.figure()
-        with self.plot:
-            from IPython.display import clear_output, display
-
-            clear_output(wait=True)
-            display(fig)
+        self.plot.value = figure_png(self.figure())
 
 
 def training_widget(model_cfg: ModelConfig, train_cfg: TrainConfig, start: bool = True) -> TrainingWidget:
@@ -118,14 +191,16 @@ class SamplingWidget:
     def __init__(self, run, prompt: str = "Once upon a time"):
         self.run = run
         self.prompt = W.Textarea(value=prompt, description="prompt", layout=W.Layout(width="90%"))
-        self.temperature = W.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature")
-        self.top_k = W.IntSlider(value=0, min=0, max=200, description="top-k")
-        self.top_p = W.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p")
-        self.min_p = W.FloatSlider(value=0.05, min=0.0, max=0.5, step=0.01, description="min-p")
-        self.max_tokens = W.IntSlider(value=100, min=1, max=run.model_config.block_size, description="max tokens")
-        self.seed = W.IntText(value=0, description="seed")
+        self.temperature = W.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature", **_LABEL)
+        self.top_k = W.IntSlider(value=0, min=0, max=200, description="top-k", **_LABEL)
+        self.top_p = W.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p", **_LABEL)
+        self.min_p = W.FloatSlider(value=0.05, min=0.0, max=0.5, step=0.01, description="min-p", **_LABEL)
+        self.max_tokens = W.IntSlider(value=100, min=1, max=run.model_config.block_size, description="max tokens",
+                                       **_LABEL)
+        self.seed = W.IntText(value=0, description="seed", **_LABEL)
         self.button = W.Button(description="Generate", button_style="primary")
-        self.output = W.Output()
+        self.output = W.HTML()  # the coloured tokens, as widget state
+        self.output.add_class("minlm-sample")
         self.button.on_click(lambda _: self.generate())
         self.box = W.VBox([self.prompt, W.HBox([self.temperature, self.top_k]),
                            W.HBox([self.top_p, self.min_p]), W.HBox([self.max_tokens, self.seed]),
@@ -138,8 +213,6 @@ class SamplingWidget:
         display(self.box)
 
     def generate(self) -> str:
-        from IPython.display import display
-
         from minlm.generate import generate
 
         text = generate(self.run.model, self.run.tokenizer, self.prompt.value,
@@ -147,9 +220,7 @@ class SamplingWidget:
                         top_k=self.top_k.value, top_p=self.top_p.value, min_p=self.min_p.value,
                         seed=self.seed.value)
         self.last_text = text
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.run.tokenizer.display(self.prompt.value + text))
+        self.output.value = self.run.tokenizer.display(self.prompt.value + text)._repr_html_()
         return text
 
 
@@ -165,7 +236,10 @@ def run_picker(runs_df, default: list[str] | None = None) -> W.SelectMultiple:
 class ChatWidget:
     """A chat box over ``generate.Chat``: type a message, press Enter or Send; the transcript
     shows each reply as it streams. ``send(text)`` does the same from Python (and returns the
-    reply); ``reset()`` clears the history."""
+    reply); ``reset()`` clears the history.
+
+    The transcript is one ``HTML`` widget whose value is rewritten as tokens arrive, so the
+    reply appears in any front end that syncs widget state (JupyterLab 4, VS Code)."""
 
     def __init__(self, run, system: str = "", max_new_tokens: int = 100, **sampling):
         from minlm.generate import Chat
@@ -173,15 +247,17 @@ class ChatWidget:
         self.run = run
         self.chat = Chat(run.model, run.tokenizer, system=system, max_new_tokens=max_new_tokens,
                          **sampling)
+        self.turns: list[tuple[str, str]] = []  # (who, text) as shown; who is you/assistant/error
+        self.transcript = W.HTML(layout=W.Layout(border="1px solid #ddd", padding="4px",
+                                                 min_height="2em"))
         self.text = W.Text(placeholder="message, then Enter", layout=W.Layout(width="70%"))
         self.button = W.Button(description="Send", button_style="primary")
         self.clear = W.Button(description="Reset", tooltip="forget the conversation")
-        self.output = W.Output(layout=W.Layout(border="1px solid #ddd", padding="4px"))
         self.button.on_click(lambda _: self._send_box())
         self.clear.on_click(lambda _: self.reset())
         self.text.continuous_update = False
         self.text.observe(lambda change: self._send_box(), names="value")
-        self.box = W.VBox([self.output, W.HBox([self.text, self.button, self.clear])])
+        self.box = W.VBox([self.transcript, W.HBox([self.text, self.button, self.clear])])
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -194,28 +270,105 @@ class ChatWidget:
             self.text.value = ""
             self.send(message)
 
-    def send(self, message: str) -> str:
-        from IPython.display import HTML, display
+    def _render(self) -> None:
+        lines = []
+        for who, text in self.turns:
+            if who == "error":
+                lines.append(f"<div style='color:#b00'>error: {html.escape(text)}</div>")
+            else:
+                body = html.escape(text).replace("\n", "<br>")
+                lines.append(f"<div class='minlm-{who}'><b>{who}</b>: {body}</div>")
+        self.transcript.value = "".join(lines)
 
-        handle = None
-        with self.output:
-            display(HTML(f"<b>you</b>: {html.escape(message)}"))
-            handle = display(HTML("<b>assistant</b>: …"), display_id=True)
+    def send(self, message: str) -> str:
+        self.turns += [("you", message), ("assistant", "…")]
+        self._render()
         pieces: list[str] = []
         try:
             for piece in self.chat.stream_reply(message):
                 pieces.append(piece)
-                if handle is not None:
-                    handle.update(HTML(f"<b>assistant</b>: {html.escape(''.join(pieces))}"))
+                self.turns[-1] = ("assistant", "".join(pieces))
+                self._render()
         except ValueError as e:  # e.g. a message too long for the context: say so, go on
-            with self.output:
-                display(HTML(f"<span style='color:#b00'>error: {html.escape(str(e))}</span>"))
+            self.turns[-1] = ("error", str(e))
+            self._render()
             return ""
         reply = "".join(pieces)
-        if handle is not None:
-            handle.update(HTML(f"<b>assistant</b>: {html.escape(reply)}"))
+        self.turns[-1] = ("assistant", reply)
+        self._render()
         return reply
 
     def reset(self) -> None:
         self.chat.history.clear()
-        self.output.clear_output()
+        self.turns.clear()
+        self._render()
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib figure as PNG bytes (for an ``Image`` widget's value)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+class AttentionExplorer:
+    """Attention heatmaps of a trained run: pick the run, layer and head (or all heads) and
+    edit the sentence; the figure (with token labels and a colour bar) redraws as an ``Image``
+    widget's value. Runs load once and are kept."""
+
+    def __init__(self, runs: list[str], text: str = "Lily saw a big red ball. She ran to it.",
+                 runs_dir: str | None = None):
+        from minlm.runs import load_run
+
+        if not runs:
+            raise ValueError("runs is empty: pass run names or folders, e.g. ['llama-1m']")
+        self._load, self._runs_dir, self._cache = load_run, runs_dir, {}
+        self.run = W.Dropdown(options=list(runs), value=runs[0], description="run", **_LABEL)
+        self.layer = W.Dropdown(description="layer", **_LABEL)
+        self.head = W.Dropdown(description="head", **_LABEL)
+        self.text = W.Text(value=text, description="text", continuous_update=False,
+                           layout=W.Layout(width="60%"), **_LABEL)
+        self.image = W.Image(format="png")
+        self.error = W.HTML()
+        self._choices()
+        for w in (self.layer, self.head, self.text):
+            w.observe(lambda _: self.draw(), names="value")
+        self.run.observe(lambda _: (self._choices(), self.draw()), names="value")
+        self.box = W.VBox([W.HBox([self.run, self.layer, self.head]), self.text, self.error,
+                           self.image])
+        self.draw()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.box)
+
+    def model(self):
+        name = self.run.value
+        if name not in self._cache:
+            self._cache[name] = self._load(name, runs_dir=self._runs_dir)
+        return self._cache[name]
+
+    def _choices(self) -> None:
+        cfg = self.model().model_config
+        self.layer.options = list(range(cfg.n_layers))
+        self.head.options = [("all", -1)] + [(str(h), h) for h in range(cfg.n_heads)]
+        self.layer.value, self.head.value = 0, -1
+
+    def figure(self):
+        from minlm.plots import attention_figure
+
+        run = self.model()
+        heads = None if self.head.value in (-1, None) else self.head.value
+        return attention_figure(run.model, run.tokenizer, self.text.value,
+                                layer=self.layer.value or 0, heads=heads,
+                                max_heads=run.model_config.n_heads)
+
+    def draw(self) -> None:
+        try:
+            self.image.value = figure_png(self.figure())
+            self.error.value = ""
+        except ValueError as e:  # e.g. an empty sentence: say so in the widget
+            self.error.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"

@@ -238,3 +238,13 @@ def test_examples_cut_to_context_and_pack(tok):
     _, stats = chat_examples(tok, [[{"role": "user", "content": "<|user|>"}]] + convs[:1],
                              skip_invalid=True)
     assert stats.invalid == 1 and stats.examples == 1
+
+
+def test_mask_display_shows_multibyte_characters_not_byte_pieces(tok):
+    # a curly apostrophe is three byte-fallback tokens; the loss-mask view shows the character
+    ex = chat_example(tok, [{"role": "user", "content": "It\u2019s"},
+                            {"role": "assistant", "content": "I\u2019m glad"}], "response")
+    shown, page = str(ex.display()), ex.display()._repr_html_()
+    assert "<0xE2>" not in shown and "\u2019" in shown, shown
+    assert "&lt;0xE2&gt;" not in page and "\u2019" in page
+    assert "[I][\u2019][m]" in shown.replace("[ glad]", "")  # the assistant's bytes are trained

@@ -51,7 +51,7 @@ def test_unknown_preset_lists_presets():
     (dict(init="kaiming"), r"init='kaiming' is invalid"),
     (dict(dropout=1.5), r"dropout=1.5 is invalid: must be in \[0, 1\)"),
     (dict(dim=96, n_heads=32), r"head_dim=3 is odd"),
-    (dict(block_spec="norm>attn>+ norm>ffn>+"), r"unknown step 'ffn'; valid steps are norm, attn, mlp, \+"),
+    (dict(block_spec="norm>attn>+ norm>ffn>+"), r"unknown step 'ffn'; valid steps are norm, mixer, attn, mlp, moe, \+"),
     (dict(tied_blocks={"1": 3}), r"tied_blocks=.* may only reuse an earlier block"),
     (dict(tied_blocks={"9": 0}), r"tied_blocks=.* block indices 0..3"),
     (dict(dim="128"), r"dim='128' is invalid: must be an integer"),

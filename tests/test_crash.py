@@ -20,12 +20,16 @@ ARGS = ["--preset", "llama-0.5m", "vocab_size=512", "dim=32", "n_layers=2", "n_h
         "n_kv_heads=1", "block_size=32", "dropout=0.1", "batch_size=8", "max_iters=120",
         "warmup_iters=10", "log_interval=2", "eval_interval=20", "eval_iters=2",
         "checkpoint_interval=6", "keep_checkpoints=2", "max_docs=300", "num_workers=1",
-        "verbose=false", "resume=true"]
+        "verbose=false"]
 
 
 def launch(out_dir: Path, name: str, env_extra: dict | None = None) -> subprocess.Popen:
+    """Start the run, or resume it once it has written its configs (resume=true refuses a run
+    that does not exist)."""
     env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, "-m", "minlm", "train", *ARGS, f"out_dir={out_dir}", f"run_name={name}"]
+    resume = ["resume=true"] if (out_dir / name / "train_config.json").exists() else []
+    cmd = [sys.executable, "-m", "minlm", "train", *ARGS, *resume, f"out_dir={out_dir}",
+           f"run_name={name}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

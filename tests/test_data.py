@@ -68,7 +68,7 @@ def test_read_documents_errors(shared_data, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not a UTF-8 text file"):
         list(read_documents(tmp_path / "latin1.txt"))
-    with pytest.raises(ValueError, match=r"line 1 of .*sft.jsonl has no string 'text' field"):
+    with pytest.raises(ValueError, match=r"sft.jsonl, line 1 is a chat conversation, not text"):
         next(read_documents(shared_data / "chat" / "hh_rlhf_helpful_sft.jsonl"))
 
 

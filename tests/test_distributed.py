@@ -31,8 +31,9 @@ def test_two_process_ddp_matches_one_process_and_resumes_alone(tmp_path, optimiz
            "GLOO_SOCKET_IFNAME": "lo"}
     common = [*ARGS, f"out_dir={tmp_path}", f"optimizer={optimizer}"]
     run([sys.executable, "-m", "minlm", "train", *common, "run_name=one"], env)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "minlm", "train", *common, "run_name=two"], env)
+    p = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "minlm", "train", *common, "run_name=two"], env)
+    assert p.stdout.count(f"run {tmp_path / 'two'}: step 6,") == 1, p.stdout  # rank 0, once
     one = load_run(tmp_path / "one").model.state_dict()
     two = load_run(tmp_path / "two").model.state_dict()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)

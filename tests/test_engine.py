@@ -50,7 +50,7 @@ def make_parent(tmp_path, poison: bool = False):
     model = LM(model_cfg())
     if poison:
         with torch.no_grad():
-            model.blocks[0].attn.q_proj.weight.fill_(float("nan"))
+            model.blocks[0].mixer.q_proj.weight.fill_(float("nan"))
     run_dir = tmp_path / "runs" / ("nan" if poison else "base")
     run_dir.mkdir(parents=True)
     runs.save_configs(run_dir, model.config, TrainConfig(preset="llama-1m"),

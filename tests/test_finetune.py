@@ -167,7 +167,7 @@ def test_lora_parameter_count_and_merge(tok):
     model = LM(cfg).eval()
     C, H, K, D, r = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size, 4
     names = add_lora(model, rank=r, alpha=8.0, targets="q_proj,v_proj")
-    assert names == [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert names == [f"blocks.{i}.mixer.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     expected = cfg.n_layers * r * ((C + H * D) + (C + K * D))
     assert count_trainable(model) == expected
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())

@@ -15,12 +15,10 @@ from minlm import LM, ModelConfig, TrainConfig
 from minlm.cli import main
 from minlm.generate import (
     Chat,
-    FusedStep,
     TokenStream,
     apply_repetition_penalty,
     complete,
     filter_logits,
-    fused_step_problem,
     generate,
     generate_batch,
     generate_batch_ids,
@@ -51,9 +49,6 @@ VARIANTS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-FUSED = ["mha-rope", "gqa-rope", "mqa-rope", "alibi", "learned", "no-position", "sliding-window"]
-
-
 def tiny(vocab_size: int = 64, block_size: int = 24, **overrides) -> LM:
     """A seeded tiny model whose weights are all moved off their init."""
     torch.manual_seed(0)
@@ -81,22 +76,12 @@ def test_cached_generation_equals_recomputation(variant):
     model = tiny(**VARIANTS[variant])
     prompt = torch.randint(0, 64, (2, 7))
     ref_ids, ref_logits = run_stream(model, prompt, 30, use_cache=False)
-    paths = {"fused": dict(fused=True), "forward": dict(fused=False)}
+    paths = {"LM.step": dict(fast=True), "LM.forward": dict(fast=False)}
     for name, kw in paths.items():
         ids, logits = run_stream(model, prompt, 30, **kw)
         assert torch.equal(ids, ref_ids), (variant, name)
         assert (logits - ref_logits).abs().max().item() < 1e-5, (variant, name)
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
-
-
-def test_fused_step_covers_the_standard_blocks_only():
-    for variant in FUSED:
-        assert fused_step_problem(tiny(**VARIANTS[variant])) == "", variant
-    for variant in ("softcap-moe-mqa", "qk-norm-logit-softcap", "mlgru"):
-        assert fused_step_problem(tiny(**VARIANTS[variant])), variant
-    assert fused_step_problem(tiny(linear="bitlinear"))
-    with pytest.raises(ValueError, match="FusedStep does not cover"):
-        FusedStep(tiny(mixer="mlgru", position="none"), 24)
 
 
 @pytest.mark.parametrize("variant", ["gqa-rope", "alibi", "learned", "sliding-window", "mlgru",

@@ -1,6 +1,8 @@
 import math
 
 import pytest
+from pathlib import Path
+
 import torch
 
 from minlm import LM, ModelConfig
@@ -178,11 +180,11 @@ def test_eval_mode_is_deterministic_with_dropout():
 def test_residual_projections_are_scaled_at_init():
     model = LM.from_preset("llama-5m")
     std = model.config.std
-    o = model.blocks[0].attn.o_proj.weight.std().item()
-    q = model.blocks[0].attn.q_proj.weight.std().item()
+    o = model.blocks[0].mixer.o_proj.weight.std().item()
+    q = model.blocks[0].mixer.q_proj.weight.std().item()
     assert q == pytest.approx(std, rel=0.05)
     assert o == pytest.approx(std / math.sqrt(2 * model.config.n_layers), rel=0.05)
-    x = LM(model.config.replace(init="xavier")).blocks[0].attn.q_proj.weight
+    x = LM(model.config.replace(init="xavier")).blocks[0].mixer.q_proj.weight
     assert x.std().item() == pytest.approx(math.sqrt(2 / (x.shape[0] + x.shape[1])), rel=0.05)
 
 
@@ -196,3 +198,45 @@ def test_training_forward_compiles_without_graph_breaks(position):
     idx = torch.randint(0, 64, (2, 16))
     explanation = torch._dynamo.explain(LM(cfg))(idx, idx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# --- the mixer registry refactor: shipped models and old run folders -------------------------
+
+SHIPPED_LOGITS = Path(__file__).parent / "golden" / "shipped_logits.safetensors"
+
+
+def test_shipped_models_give_the_logits_recorded_before_the_registry():
+    """tests/golden/shipped_logits.safetensors was written on main before the mixer registry
+    renamed parameters (blocks.N.attn -> blocks.N.mixer, MLGRU c_proj -> cand_proj): every
+    shipped run still loads (through the key remap) and gives the same logits."""
+    from safetensors.torch import load_file
+
+    from minlm.runs import load_run
+
+    recorded = load_file(SHIPPED_LOGITS)
+    names = sorted({k.split(".")[0] for k in recorded})
+    assert {"llama-1m", "matmulfree-1m", "moe-1m", "gpt2-1m"} <= set(names)
+    for name in names:
+        run = load_run(Path(__file__).parents[1] / "trained_models" / name)
+        with torch.no_grad():
+            logits, _ = run.model(recorded[f"{name}.idx"])
+        assert torch.equal(logits[:, :, :64], recorded[f"{name}.logits"]), name
+
+
+def test_old_parameter_names_load_into_the_new_model():
+    from minlm.model import remap_legacy_keys
+
+    model = LM(ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, mixer="mlgru",
+                           position="none", block_spec="norm>attn|mlp>+"))
+    old = {}
+    for k, v in model.state_dict().items():
+        k = k.replace(".mixer.cand_proj.", ".attn.c_proj.").replace(".mixer.", ".attn.")
+        old[k] = v + 1
+    assert any(".parallel.branches.attn.c_proj." in k for k in old)
+    fresh = LM(model.config)
+    fresh.load_state_dict(old)  # strict: every old name found its new one
+    assert torch.equal(fresh.blocks[1].parallel.branches.mixer.cand_proj.weight,
+                       old["blocks.1.parallel.branches.attn.c_proj.weight"])
+    new = dict(old)
+    remap_legacy_keys(new)
+    assert set(new) == set(model.state_dict())

@@ -39,6 +39,14 @@ def test_gpt2_matches_transformers():
         assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
 
 
+def test_gpt2_with_kv_heads_spelled_out_is_still_gpt2():
+    model = _perturbed("gpt2-1m", n_kv_heads=4, head_dim=32)  # = n_heads, = dim // n_heads
+    hf = to_hf_gpt2(model)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
 def test_conversion_refuses_a_different_architecture():
     with pytest.raises(ValueError, match="a Llama model needs"):
         to_hf_llama(LM.from_preset("gpt2-0.5m"))

@@ -1,6 +1,12 @@
 """Search: memory budget skips, results ordered by val bits per byte, successive halving."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +14,8 @@ from minlm import ModelConfig, TrainConfig
 from minlm.flops import flops_per_token
 from minlm.search import (_rungs, grid, measure_step_memory, parse_bytes, random_candidates,
                           search, split_overrides, steps_for_compute)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,3 +143,127 @@ def test_rungs_end_at_max_iters_once_even_off_the_evaluation_grid():
     assert _rungs(300, 50, 3, 3) == [50, 100, 300]
     assert _rungs(483, 20, 3, 2) == [160, 483]  # was [160, 480, 483]: one rung too many
     assert _rungs(16, 4, 2, 1) == [16]
+
+
+# --- the Optuna study: kill and resume, several processes --------------------------------
+
+SEARCH_SCRIPT = '''
+import os, signal, sys, time
+import optuna
+from minlm import ModelConfig, TrainConfig
+from minlm.search import grid, search
+
+out, mode = sys.argv[1], sys.argv[2]
+model = ModelConfig.from_preset("llama-0.5m", vocab_size=512, dim=32, n_layers=1, n_heads=2,
+                                n_kv_heads=1, block_size=32)
+train = TrainConfig(out_dir=out, max_iters=16, batch_size=4, lr=3e-3, warmup_iters=2,
+                    eval_interval=4, eval_iters=2, log_interval=4, checkpoint_interval=4,
+                    max_docs=200, num_workers=1, verbose=False)
+waited = []
+
+def running():
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out}/search/study.db")
+    return sum(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials())
+
+def hook(trial, row):
+    print(trial.name, row["step"], flush=True)
+    if mode == "kill" and trial.name.startswith("trial01") and row["step"] >= 10:
+        os.kill(os.getpid(), signal.SIGKILL)  # after the step-8 checkpoint, before step 12's
+    if mode == "interrupt" and trial.name.startswith("trial01") and row["step"] >= 8:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer stops after this step
+    if mode == "pair" and not waited:  # hold the first trial until the other process has one
+        deadline = time.time() + 180
+        while running() < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        waited.append(running())
+
+lrs = [3e-3, 2e-3, 1e-3] if mode != "pair" else [3e-3, 2e-3, 1e-3, 5e-4]
+result = search(grid(lr=lrs), model, train, n_rungs=1, heartbeat=1, verbose=False,
+                callbacks=[hook])
+print("statuses", [t.status for t in result.trials], "waited", waited, flush=True)
+'''
+
+
+def _run_search(script, out, mode, shared_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MINLM_DATA_DIR": str(shared_data),
+           "MINLM_CACHE_DIR": str(tmp_path / "shards"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _trials_by_candidate(out):
+    import optuna
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out}/search/study.db")
+    by = {}
+    for f in study.get_trials():
+        by.setdefault(f.params.get("candidate"), []).append(f)
+    return by
+
+
+@pytest.mark.parametrize("how", ["kill", "interrupt"])
+def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path, shared_data, how):
+    """SIGKILL (the trial is found by its silent heartbeat) or Ctrl-C (the trainer stops and
+    checkpoints, the search stops): the next run resumes the trial from its checkpoint."""
+    import optuna
+
+    script = tmp_path / "run_search.py"
+    script.write_text(SEARCH_SCRIPT)
+    out = tmp_path / "runs"
+    stopped = _run_search(script, out, how, shared_data, tmp_path)
+    stdout, stderr = stopped.communicate(timeout=600)
+    if how == "kill":
+        assert stopped.returncode == -signal.SIGKILL, stdout + stderr
+        time.sleep(4)  # three silent heartbeats (1 s each) mark the killed trial stale
+    else:  # was: the interrupted trial counted as trained at step 8, and the search went on
+        # an uncaught KeyboardInterrupt ends Python with SIGINT's status
+        assert stopped.returncode == -signal.SIGINT, stderr
+        assert "search interrupted in trial01-lr=0.002 at step 8" in stderr
+    first = tmp_path / "runs" / "search" / "trial00-lr=0.003"
+    finished_log = (first / "log.csv").read_text()
+    stamp = (first / "log.csv").stat().st_mtime_ns
+
+    resumed = _run_search(script, out, "resume", shared_data, tmp_path)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stdout + stderr
+    assert "statuses ['trained', 'trained', 'trained']" in stdout
+    seen = [line.split() for line in stdout.splitlines() if line.startswith("trial")]
+    assert not [s for s in seen if s[0].startswith("trial00")]  # the finished trial: not rerun
+    assert [int(s[1]) for s in seen if s[0].startswith("trial01")] == [12, 16]  # from step 8
+    assert [int(s[1]) for s in seen if s[0].startswith("trial02")] == [4, 8, 12, 16]
+    assert (first / "log.csv").read_text() == finished_log
+    assert (first / "log.csv").stat().st_mtime_ns == stamp
+    by = _trials_by_candidate(out)
+    states = {c: [f.state for f in fs] for c, fs in by.items()}
+    done = optuna.trial.TrialState.COMPLETE
+    assert states == {0: [done], 1: [optuna.trial.TrialState.FAIL, done], 2: [done]}
+
+
+def test_two_processes_share_one_study(tmp_path, shared_data):
+    import optuna
+
+    script = tmp_path / "run_search.py"
+    script.write_text(SEARCH_SCRIPT)
+    out = tmp_path / "runs"
+    procs = [_run_search(script, out, "pair", shared_data, tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout + stderr
+        # each saw every trial finished, whoever trained it
+        assert "statuses ['trained', 'trained', 'trained', 'trained']" in stdout
+        assert "waited [2]" in stdout  # each held a trial while the other held one
+    by = _trials_by_candidate(out)
+    assert sorted(by) == [0, 1, 2, 3]
+    assert all([f.state for f in fs] == [optuna.trial.TrialState.COMPLETE] for fs in by.values())
+    assert {fs[0].user_attrs["pid"] for fs in by.values()} == {p.pid for p in procs}
+
+
+def test_a_finished_study_is_read_back_and_other_candidates_are_refused(tmp_path, shared_data):
+    model, train = base_cfgs(tmp_path, max_iters=4)
+    first = search(grid(lr=[3e-3]), model, train, n_rungs=1, verbose=False)
+    again = search(grid(lr=[3e-3]), model, train, n_rungs=1, verbose=False,
+                   callbacks=[lambda t, row: pytest.fail("a finished trial trained again")])
+    assert again.table.to_dict() == first.table.to_dict()
+    with pytest.raises(ValueError, match="study 'search' in sqlite:///.*holds other candidates "
+                                         r"\(1, not these 2\); give this search another name"):
+        search(grid(lr=[3e-3, 1e-3]), model, train, n_rungs=1, verbose=False)

@@ -26,7 +26,8 @@ from minlm.modules.position import ALiBi
 from minlm.presets import PRESETS
 from minlm.ternary import checkpoint_sizes, load_packed_model, pack_ternary_model
 
-NEW_PRESETS = ["grok-1m", "alilama-2m", "lillm-39m", "matmulfree-1m", "bitnet-1m", "moe-1m"]
+NEW_PRESETS = ["grok-1m", "alilama-2m", "lillm-39m", "matmulfree-1m", "bitnet-1m", "moe-1m",
+               "mamba-1m", "griffin-1m", "hybrid-1m"]
 FAMILIES = ["gpt2-1m", "llama-1m", *NEW_PRESETS]  # one preset per family
 
 
@@ -34,7 +35,9 @@ def tiny(name: str = "llama-1m", **overrides) -> ModelConfig:
     """A preset shrunk to dim 32, 2 layers, 512 tokens, keeping its family's options."""
     base = PRESETS[name]
     heads, kv = base["n_heads"], base.get("n_kv_heads", 0)
-    shrink = dict(vocab_size=512, dim=32, n_layers=2, block_size=32, n_heads=4, head_dim=0,
+    layouts = base.get("block_spec", "")  # a per-layer list keeps one layer per layout
+    shrink = dict(vocab_size=512, dim=32, block_size=32, n_heads=4, head_dim=0,
+                  n_layers=len(layouts) if isinstance(layouts, list) else 2,
                   n_kv_heads=max(1, 4 * kv // heads) if kv else 0,
                   hidden_dim=64 if base.get("hidden_dim") else 0)
     return ModelConfig.from_preset(name, **{**shrink, **overrides})
@@ -122,9 +125,9 @@ def test_alibi_scores_carry_the_bias_and_extrapolate():
     torch.manual_seed(0)
     model = LM(tiny(position="alibi", n_heads=8, n_kv_heads=0)).eval()
     idx = torch.randint(0, 512, (1, 6))
-    t = model.trace(idx, capture=["attn.q_heads", "attn.k_heads", "attn.scores"])
-    q, k = t.tensors["blocks.0.attn.q_heads"], t.tensors["blocks.0.attn.k_heads"]
-    scores = t.tensors["blocks.0.attn.scores"]  # (B, H, T, S)
+    t = model.trace(idx, capture=["mixer.q_heads", "mixer.k_heads", "mixer.scores"])
+    q, k = t.tensors["blocks.0.mixer.q_heads"], t.tensors["blocks.0.mixer.k_heads"]
+    scores = t.tensors["blocks.0.mixer.scores"]  # (B, H, T, S)
     plain = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     diff = scores - plain
     pos = torch.arange(6)
@@ -152,8 +155,8 @@ def test_position_none_has_no_position_parts():
 def test_sliding_window_masks_exactly_outside_the_window():
     W, T = 4, 12
     model = LM(tiny(window=W)).eval()
-    t = model.trace(torch.randint(0, 512, (2, T)), capture=["attn.probs"])
-    probs = t.tensors["blocks.0.attn.probs"]  # (B, H, T, S)
+    t = model.trace(torch.randint(0, 512, (2, T)), capture=["mixer.probs"])
+    probs = t.tensors["blocks.0.mixer.probs"]  # (B, H, T, S)
     diff = torch.arange(T)[:, None] - torch.arange(T)[None, :]
     inside = (diff >= 0) & (diff < W)
     assert torch.all(probs[..., ~inside] == 0)
@@ -174,18 +177,18 @@ def test_fast_attention_path_matches_the_traced_explicit_one():
 
 def test_qk_norm_and_softcap_bound_the_scores():
     model = LM(tiny(qk_norm=True, attn_softcap=2.0)).eval()
-    t = model.trace(torch.randint(0, 512, (1, 8)), capture=["attn.scores", "attn.q_norm"])
-    scores = t.tensors["blocks.0.attn.scores"]
+    t = model.trace(torch.randint(0, 512, (1, 8)), capture=["mixer.scores", "mixer.q_norm"])
+    scores = t.tensors["blocks.0.mixer.scores"]
     finite = scores[torch.isfinite(scores)]
     assert finite.abs().max() <= 2.0
-    q = t.tensors["blocks.0.attn.q_norm"]  # RMS-normalised per head, gain 1 at init
+    q = t.tensors["blocks.0.mixer.q_norm"]  # RMS-normalised per head, gain 1 at init
     assert torch.allclose(q.pow(2).mean(-1), torch.ones(q.shape[:-1]), atol=1e-2)
 
 
 def test_kv_heads_set_the_projection_widths():
     D = 8
     for kv in (1, 2, 4):
-        attn = LM(tiny(n_kv_heads=kv)).blocks[0].attn
+        attn = LM(tiny(n_kv_heads=kv)).blocks[0].mixer
         assert attn.k_proj.weight.shape == (kv * D, 32) and attn.q_proj.weight.shape == (32, 32)
 
 
@@ -215,14 +218,15 @@ def test_post_norm_spec_builds_four_norms_in_order():
     model = LM(tiny("grok-1m", n_experts=0))
     t = model.trace(torch.randint(0, 512, (1, 4)))
     steps = [r.path.split(".")[-1] for r in t.rows if r.path.startswith("blocks.0.") and r.depth == 2]
-    assert steps == ["norm1", "attn", "norm2", "add1", "norm3", "mlp", "norm4", "add2"]
+    assert steps == ["norm1", "mixer", "norm2", "add1", "norm3", "mlp", "norm4", "add2"]
 
 
 def test_unknown_block_step_lists_valid_steps():
-    with pytest.raises(ConfigError, match=r"unknown step 'ffn'; valid steps are norm, attn, mlp, \+"):
+    with pytest.raises(ConfigError, match=r"unknown step 'ffn'; valid steps are norm, mixer, "
+                       r"attn, mlp, moe, \+ or a mixer \(attention, .*mlgru"):
         ModelConfig(block_spec="norm>attn>+ norm>ffn>+")
-    with pytest.raises(ConfigError, match=r"unknown step 'moe'; valid steps are"):
-        ModelConfig(block_spec="norm>attn|moe>+")
+    with pytest.raises(ConfigError, match=r"unknown step 'gru'; valid steps are"):
+        ModelConfig(block_spec="norm>attn|gru>+")
 
 
 def test_embed_scale_scales_the_first_residual():
@@ -238,8 +242,8 @@ def test_embed_scale_scales_the_first_residual():
 
 def test_init_schemes():
     cfg = ModelConfig(dim=128, n_heads=4, n_layers=4, vocab_size=512, block_size=16)
-    xav = LM(cfg.replace(init="xavier")).blocks[0].attn
-    fix = LM(cfg.replace(init="tfixup")).blocks[0].attn
+    xav = LM(cfg.replace(init="xavier")).blocks[0].mixer
+    fix = LM(cfg.replace(init="tfixup")).blocks[0].mixer
     xavier_std = math.sqrt(2 / (128 + 128))
     shrink = (9 * 4) ** -0.25
     assert xav.v_proj.weight.std().item() == pytest.approx(xavier_std, rel=0.05)
@@ -257,7 +261,7 @@ def test_tied_blocks_share_storage_count_once_and_round_trip(tmp_path):
     cfg = tiny(n_layers=4, tied_blocks={"2": 0, "3": 1})
     model = LM(cfg).eval()
     assert model.blocks[2] is model.blocks[0]
-    assert model.blocks[3].attn.q_proj.weight.data_ptr() == model.blocks[1].attn.q_proj.weight.data_ptr()
+    assert model.blocks[3].mixer.q_proj.weight.data_ptr() == model.blocks[1].mixer.q_proj.weight.data_ptr()
     untied = LM(cfg.replace(tied_blocks={}))
     per_block = sum(p.numel() for p in untied.blocks[0].parameters())
     assert model.num_params() == untied.num_params() - 2 * per_block
@@ -271,7 +275,7 @@ def test_tied_blocks_share_storage_count_once_and_round_trip(tmp_path):
     # a tied block is trained by both of its uses
     _, loss = again.train()(idx, targets=idx)
     loss.backward()
-    assert again.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+    assert again.blocks[0].mixer.q_proj.weight.grad.abs().sum() > 0
 
 
 # --- BitLinear and the packed ternary export -----------------------------------------------
@@ -312,7 +316,7 @@ def test_packed_model_gives_the_same_logits(name, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     path = pack_ternary_model(model, tmp_path / "packed.safetensors")
     loaded = load_packed_model(path)
-    assert type(loaded.blocks[0].attn.o_proj).__name__ == "PackedBitLinear"
+    assert type(loaded.blocks[0].mixer.o_proj).__name__ == "PackedBitLinear"
     assert loaded.blocks[2] is loaded.blocks[0]
     idx = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -467,9 +471,13 @@ def test_kan_layer_shapes_partition_of_unity_and_gradients():
 # --- config validation ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(mixer="mlgru"), r"position='rope' is invalid: mixer='mlgru' has no attention"),
-    (dict(mixer="mlgru", position="none", window=8), r"window=8 is invalid: mixer='mlgru'"),
-    (dict(mixer="mamba"), r"mixer='mamba' is invalid: must be one of 'attention', 'mlgru'"),
+    (dict(mixer="mlgru"), r"position='rope' is invalid: no layer uses attention .*the layers "
+                          r"use mlgru"),
+    (dict(mixer="mlgru", position="none", window=8),
+     r"window=8 is invalid: only mixer 'attention' reads it and no layer uses 'attention'"),
+    (dict(mixer="gru"), r"mixer='gru' is not a registered token mixer; registered: attention, "),
+    (dict(mixer="mlgru", position="none", mixer_options={"d_state": 4}),
+     r"mixer_options has d_state=4, which no mixer in use \(mlgru\) declares"),
     (dict(linear="int4"), r"linear='int4' is invalid: must be one of 'linear', 'bitlinear'"),
     (dict(n_experts=4, experts_top_k=5), r"experts_top_k=5 is invalid: must be between 1 and n_experts=4"),
     (dict(n_experts=-1), r"n_experts=-1 is invalid"),
@@ -491,7 +499,8 @@ def test_new_preset_builds_runs_and_traces(name):
     text = str(model.trace(idx))
     assert text.splitlines()[1].split()[:2] == ["LM", "LM"]
     expected = {"grok-1m": "MoE", "alilama-2m": "LayerNorm", "lillm-39m": "RoPE",
-                "matmulfree-1m": "MLGRU", "bitnet-1m": "BitLinear", "moe-1m": "experts.7"}[name]
+                "matmulfree-1m": "MLGRU", "bitnet-1m": "BitLinear", "moe-1m": "experts.7",
+                "mamba-1m": "Mamba", "griffin-1m": "Griffin", "hybrid-1m": "Attention"}[name]
     assert expected in text
     assert model.config == ModelConfig.from_json(model.config.to_json())
 
@@ -560,3 +569,43 @@ def test_one_pass_activation_ste_matches_the_two_step_form():
     (y * weights).sum().backward()
     assert torch.equal(y, quantize_activations(x))
     assert torch.equal(x.grad, expected_grad)
+
+
+# --- layouts: the seed projects' notation, per-layer lists, mixers by name ---------------------
+
+def test_arrow_notation_builds_the_plain_pre_norm_block():
+    from minlm.modules import PreNormBlock
+
+    for spec in ("Norm->Attn->+->Norm->MLP->+", "norm > attn > + norm > mlp > +",
+                 "NORM>MIXER>+>NORM>MLP>+"):
+        model = LM(tiny(block_spec=spec))
+        assert all(type(b) is PreNormBlock for b in model.blocks), spec
+        assert [n for n, _ in model.blocks[0].named_children()] == ["norm1", "mixer", "norm2",
+                                                                   "mlp"]
+
+
+def test_layout_list_cycles_and_builds_the_parallel_moe_layout():
+    from minlm.modules import MLP, MoE
+
+    cfg = tiny(n_layers=4, n_experts=4, hidden_dim=32,
+               block_spec=["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"])
+    model = LM(cfg)
+    assert type(model.blocks[0].mlp) is MLP and type(model.blocks[2].mlp) is MLP
+    assert type(model.blocks[1].moe) is MoE and not hasattr(model.blocks[1], "mixer")
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    cli = ModelConfig().with_overrides(['block_spec=["norm>attn>+ norm>mlp>+", "norm>mlgru>+"]'])
+    assert cli.block_spec == ["norm>attn>+ norm>mlp>+", "norm>mlgru>+"]
+    with pytest.raises(ConfigError, match=r"n_experts=0 is invalid with a mixture of experts"):
+        ModelConfig(block_spec=["norm>attn>+", "norm>moe>+"])
+
+
+def test_a_layer_can_name_its_mixer():
+    from minlm.modules import MLGRU, Attention
+
+    cfg = tiny(mixer="mlgru", position="rope", n_layers=3,
+               block_spec=["norm>mixer>+ norm>mlp>+", "norm>attention>+ norm>mlp>+"])
+    model = LM(cfg)
+    assert [type(b.mixer) for b in model.blocks] == [MLGRU, Attention, MLGRU]
+    # attention options are accepted because one layer uses attention
+    assert tiny(mixer="mlgru", position="none", window=4,
+                block_spec=["norm>mlgru>+ norm>mlp>+", "norm>attention>+ norm>mlp>+"]).window == 4

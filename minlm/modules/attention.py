@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minlm import tracing
+import minlm.tracing as tracing
+from minlm.errors import ConfigError
 from minlm.modules.bitlinear import make_linear
+from minlm.modules.fastpath import joint_linear
 from minlm.modules.norm import RMSNorm
-from minlm.modules.position import ALiBi, RoPE
-from minlm.tracing import Identity, LoggingModule, Probe
+from minlm.modules.position import ALiBi, RoPE, rotate_half_split
+from minlm.modules.registry import TokenMixer, register_mixer
+from minlm.tracing import Identity, Probe
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
@@ -37,12 +40,39 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
     return allowed
 
 
-class Attention(LoggingModule):
+def _validate(cfg) -> None:
+    if cfg.position == "rope" and cfg.head_size % 2:
+        raise ConfigError(f"head_dim={cfg.head_size} is odd, but position='rope' rotates pairs "
+                          "of channels; use an even head size")
+
+
+def _flops(cfg, T: int) -> float:
+    """Scores and weighted sum: 2 x 2 x heads x head size x T keys, per query token (as PaLM
+    counts them: the masked half and a window's outside are computed too)."""
+    return 4 * cfg.n_heads * cfg.head_size * T
+
+
+def _memory(cfg, T: int) -> float:
+    """Values saved for backward per token: the input, q, k, v, the output (which o_proj
+    reads in place) and its log-sum-exp per head; with soft-capping, the probabilities."""
+    probs = 3 * cfg.n_heads * T if cfg.attn_softcap else 0
+    H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    return cfg.dim + 2 * H * D + 2 * K * D + H + probs
+
+
+@register_mixer(
+    "attention", state="kv", positional=True, validate=_validate, flops=_flops, memory=_memory,
+    config_fields=("window", "qk_norm", "attn_softcap"),
+    examples={"window": 3, "qk_norm": True, "attn_softcap": 5.0})
+class Attention(TokenMixer):
+    """Causal self-attention; with a cache, keys and values are appended to a ``KVCache``."""
+
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
         C, H, K, D = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.window, self.softcap, self.layer_idx = cfg.window, cfg.attn_softcap, layer_idx
+        self.qk_norm = cfg.qk_norm
         self.q_proj = make_linear(cfg, C, H * D, bias=cfg.attn_bias)
         self.k_proj = make_linear(cfg, C, K * D, bias=cfg.attn_bias)
         self.v_proj = make_linear(cfg, C, K * D, bias=cfg.attn_bias)
@@ -70,19 +100,46 @@ class Attention(LoggingModule):
         k_pos = positions
         if cache is not None:  # this layer's cache (LM passes cache.layer(i)): append, attend to all
             k, v, k_pos, key_valid = cache.update(k, v, positions, key_valid)
-        if K != H and (self.softcap or tracing.enabled()):  # the explicit path needs H heads
-            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(H // K, dim=1)
         y = self._attend(q, k, v, positions, k_pos, key_valid)  # (B, H, T, D)
         y = self.merge_heads(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
         return self.o_proj(y)
 
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row, x (B, C) -> (B, C), appending to ``cache``; the same
+        computation as ``forward`` with q/k/v projected by one joined product and q and k
+        rotated together. ``positions``: (1,) shared or (B, 1) per row."""
+        B = x.shape[0]
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x)  # (B, (H + 2K) D)
+        qk = qkv[:, :(H + K) * D].view(B, H + K, 1, D)  # (B, H+K, T=1, D)
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
+        rope = self._modules["rope"]
+        if type(rope) is RoPE:  # the tables are looked up once per step, for all layers
+            key = ("rope", D, rope.theta)
+            tables = cache.parent.step_memo.get(key)
+            if tables is None:
+                tables = cache.parent.step_memo[key] = rope.tables(positions, qk.dtype)
+            qk = rotate_half_split(qk, *tables)
+        v = qkv[:, (H + K) * D:].view(B, K, 1, D)  # (B, K, 1, D)
+        k, v, k_pos, valid = cache.update(qk[:, H:], v, positions)  # (B, K, S, D)
+        y = self._attend(qk[:, :H], k, v, positions, k_pos, valid)  # (B, H, 1, D)
+        return joint_linear(self, ("o_proj",), y.reshape(B, H * D), residual)  # (B, C)
+
     def _attend(self, q, k, v, q_pos, k_pos, key_valid):
-        T, S = q.shape[2], k.shape[2]
+        H, T, S = q.shape[1], q.shape[2], k.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        gqa = k.shape[1] != H  # SDPA shares each key/value head without copying it
+        if (T == 1 and self.alibi is None and not self.window and key_valid is None
+                and not self.softcap and not tracing.enabled()):  # the newest token sees all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+        if gqa and (self.softcap or tracing.enabled()):  # the explicit path needs H heads
+            rep = H // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            gqa = False
         plain_causal = (self.alibi is None and not self.window and key_valid is None
                         and T == S and q_pos.dim() == 1)
-        dropout = self.dropout if self.training else 0.0
-        gqa = k.shape[1] != q.shape[1]  # SDPA shares each key/value head without copying it
         if self.softcap or tracing.enabled():
             probs = self._explicit_probs(q, k, q_pos, k_pos, key_valid)
             if self.softcap:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minlm.modules.registry import register_channel_mixer
 from minlm.tracing import LoggingModule, Probe
 
 GRID_RANGE = (-2.0, 2.0)  # inputs come from RMS-normalised activations, mostly within 2 sigma
@@ -71,6 +72,9 @@ class KANLinear(LoggingModule):
                 f"grid_size={self.grid_size}, order={self.order}")
 
 
+@register_channel_mixer("kan", config_fields=("kan_grid", "kan_order"),
+                        examples={"kan_grid": 3, "kan_order": 2}, requires={"hidden_dim": 32},
+                        memory=lambda cfg, T: (cfg.kan_grid + cfg.kan_order + 3) * cfg.ffn_dim)
 class KANMLP(LoggingModule):
     """down(up(x)) with KANLinear layers: the channel mixer for ``activation="kan"``."""
 

@@ -5,7 +5,7 @@ Hand-written: the reference code (ridger/matmulfreellm) needs Triton kernels and
 maintained CPU-friendly library provides this mixer.
 
     f_t = sigmoid(x_t W_f)                 forget gate
-    c_t = silu(x_t W_c)                    candidate
+    c_t = silu(x_t W_c)                    candidate (cand_proj)
     h_t = f_t * h_{t-1} + (1 - f_t) * c_t  element-wise recurrence, no matrix on h
     g_t = sigmoid(x_t W_g)                 output gate
     o_t = (g_t * h_t) W_o
@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from minlm.modules.bitlinear import make_linear
-from minlm.tracing import LoggingModule, Probe
+from minlm.modules.fastpath import joint_linear
+from minlm.modules.registry import TokenMixer, register_mixer
+from minlm.tracing import Probe
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +45,11 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     return b
 
 
-class MLGRU(LoggingModule):
+# flops: none beyond the four projections (gates and scan are element-wise, uncounted by MFU)
+@register_mixer("mlgru", state="recurrent",
+                # saved per token: gates and inputs (6 C) and 3 C per scan doubling
+                memory=lambda cfg, T: cfg.dim * (6 + 3 * (T - 1).bit_length()))
+class MLGRU(TokenMixer):
     """Token mixer with a recurrent state instead of a KV cache.
 
     Incremental decoding: ``cache`` is the per-layer object that ``LM.forward`` passes in
@@ -59,7 +65,7 @@ class MLGRU(LoggingModule):
         C = cfg.dim
         self.layer_idx = layer_idx
         self.f_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
-        self.c_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
+        self.cand_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
         self.g_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
         self.o_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
         # probe points: the gates and the hidden states, for traces
@@ -69,7 +75,7 @@ class MLGRU(LoggingModule):
                 cache=None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         T = x.shape[1]
         f = self.forget(torch.sigmoid(self.f_proj(x)))  # (B, T, C)
-        c = self.candidate(F.silu(self.c_proj(x)))  # (B, T, C)
+        c = self.candidate(F.silu(self.cand_proj(x)))  # (B, T, C)
         a, b = f, (1 - f) * c
         if key_valid is not None:  # padding keeps the state: a = 1, b = 0
             valid = key_valid[:, -T:].unsqueeze(-1)  # (B, T, 1)
@@ -81,6 +87,16 @@ class MLGRU(LoggingModule):
             cache.state = h[:, -1]  # (B, C)
         g = torch.sigmoid(self.g_proj(x))  # (B, T, C)
         return self.o_proj(g * h)
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row, x (B, C): the recurrence's single step h = f h + (1 - f) c."""
+        C = x.shape[-1]
+        fcg = joint_linear(self, ("f_proj", "cand_proj", "g_proj"), x)  # (B, 3C)
+        f, c, g = torch.sigmoid(fcg[:, :C]), F.silu(fcg[:, C:2 * C]), torch.sigmoid(fcg[:, 2 * C:])
+        h = (1 - f) * c if cache.state is None else torch.addcmul((1 - f) * c, f, cache.state)
+        cache.state = h  # (B, C)
+        return joint_linear(self, ("o_proj",), g * h, residual)
 
     def extra_flops(self, args, output) -> int:
         x = args[0]

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minlm.modules.bitlinear import make_linear
+from minlm.modules.fastpath import joint_linear
+from minlm.modules.registry import register_channel_mixer
 from minlm.tracing import LoggingModule, Probe
 
 
@@ -26,6 +28,9 @@ ACTIVATIONS = {"gelu": gelu_tanh, "relu": F.relu, "silu": F.silu, "relu2": relu2
 GATED = {"swiglu", "geglu"}
 
 
+@register_channel_mixer("mlp", config_fields=("activation", "mlp_bias"),
+                        examples={"activation": "gelu", "mlp_bias": True},
+                        memory=lambda cfg, T: 3 * cfg.ffn_dim)
 class MLP(LoggingModule):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated variants."""
 
@@ -46,3 +51,13 @@ class MLP(LoggingModule):
         else:
             h = self.act(self.up(x))  # (B, T, F)
         return self.drop(self.down(self.hidden(h)))
+
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row, x (B, C), in eval mode: gate and up as one joined product; plus
+        ``residual`` if given, in the same product as ``down``."""
+        if self.gated:
+            g, u = joint_linear(self, ("gate", "up"), x).chunk(2, dim=-1)  # (B, F) each
+            h = self.act(g) * u
+        else:
+            h = self.act(joint_linear(self, ("up",), x))  # (B, F)
+        return joint_linear(self, ("down",), h, residual)

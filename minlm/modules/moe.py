@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minlm.modules.registry import register_channel_mixer
 from minlm.tracing import LoggingModule, Probe
 
 
@@ -30,9 +31,23 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tens
     return E * (f * P).sum()
 
 
+def _validate(cfg) -> None:
+    if cfg.n_experts < 1:
+        from minlm.errors import ConfigError
+
+        raise ConfigError(f"n_experts={cfg.n_experts} is invalid with a mixture of experts: "
+                          "must be >= 1 (e.g. 8)")
+
+
+@register_channel_mixer("moe", config_fields=("n_experts", "experts_top_k", "aux_loss_weight"),
+                        examples={"n_experts": 3, "experts_top_k": 1, "aux_loss_weight": 0.1}, validate=_validate,
+                        requires={"n_experts": 4, "experts_top_k": 2, "hidden_dim": 32},
+                        memory=lambda cfg, T: cfg.experts_top_k * 3 * cfg.ffn_dim + cfg.n_experts)
 class MoE(LoggingModule):
-    def __init__(self, cfg, make_expert):
+    def __init__(self, cfg, make_expert=None):
         super().__init__()
+        if make_expert is None:  # built from the registry: experts are the dense channel mixer
+            from minlm.modules import make_ffn as make_expert
         C, E = cfg.dim, cfg.n_experts
         self.n_experts, self.top_k = E, cfg.experts_top_k
         self.router = nn.Linear(C, E, bias=False)

@@ -50,6 +50,13 @@ class RMSNorm(LoggingModule):
         h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
         return h * self.weight if self.weight is not None else h
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding: one fused call (no autograd Function to set up); same values."""
+        weight = self._parameters["weight"]  # not self.weight: nn.Module's lookup costs here
+        if weight is not None and weight.dtype == x.dtype == torch.float32:
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
+        return self.forward(x)
+
 
 class LayerNorm(LoggingModule):
     """LayerNorm with optional bias (GPT-2 has one, many newer models drop it)."""
@@ -63,6 +70,8 @@ class LayerNorm(LoggingModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+    step = forward  # decoding: already one fused call
 
 
 class CosineNorm(LoggingModule):
@@ -80,6 +89,8 @@ class CosineNorm(LoggingModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.normalize(x.float(), dim=-1, eps=self.eps).to(x.dtype) * self.scale
         return h * self.weight if self.weight is not None else h
+
+    step = forward
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "cosinenorm": CosineNorm}

@@ -47,16 +47,20 @@ class RoPE(LoggingModule):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (T,) or (B, T) absolute positions."""
+        return rotate_half_split(x, *self.tables(positions, x.dtype))
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and signed sin at ``positions``: (T, D), or (B, 1, T, D) for per-row positions."""
         if not torch.compiler.is_compiling():  # reading positions.max() would break the graph;
             # compiled training stays within block_size, which the table always covers
             need = int(positions.max()) + 1 if positions.numel() else 0
             if need > self.cos.shape[0]:
                 self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
-        cos = self.cos[positions].to(x.dtype)  # (T, D) or (B, T, D)
-        sin = self.signed_sin[positions].to(x.dtype)
+        cos = self.cos[positions].to(dtype)  # (T, D) or (B, T, D)
+        sin = self.signed_sin[positions].to(dtype)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-        return rotate_half_split(x, cos, sin)
+        return cos, sin
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""A Hugging Face Llama or GPT-2 checkpoint as an ordinary minlm run folder.
+
+    python -m minlm import path/to/hf-folder --name my-llama
+    python -m minlm import hf:owner/name            # downloads from the Hub first
+
+The folder (``config.json``, safetensors weights, tokenizer files) is read by ``transformers``
+itself, its weights mapped by the same table that exports (``minlm.interop``), and the run
+written like any trained run: both configs, ``model.safetensors``, the tokenizer, an empty
+``log.csv`` and a model card. ``generate``, ``eval``, ``trace``, ``sft`` and ``dpo`` then take
+it by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HUB_PREFIX = "hf:"
+# what a checkpoint folder needs; no pickled ``.bin`` weights (not safe to load)
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json",
+             "vocab.json", "merges.txt"]
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or ``hf:owner/name`` downloaded (safetensors only) from the
+    Hugging Face Hub into its usual cache."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        from huggingface_hub import snapshot_download
+
+        repo = text[len(HUB_PREFIX):]
+        if repo.count("/") != 1:
+            raise ValueError(f"{text!r}: a Hub source is hf:owner/name, e.g. "
+                             "hf:HuggingFaceTB/SmolLM2-135M")
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder; give a Hugging Face checkpoint folder "
+                                "(config.json + safetensors + tokenizer) or hf:owner/name")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; it is not a Hugging Face checkpoint")
+    return path
+
+
+def _tokenizer(folder: Path):
+    """The checkpoint's tokenizer as minlm loads it: ``tokenizer.json`` (what ``AutoTokenizer``
+    uses) first, else a sentencepiece ``tokenizer.model`` or ``vocab.json`` + ``merges.txt``."""
+    from minlm.tokenizer import HFTokenizer, load_tokenizer
+
+    if (folder / "tokenizer.json").exists():
+        return HFTokenizer.load(folder / "tokenizer.json")
+    return load_tokenizer(folder)
+
+
+def import_checkpoint(source: str | os.PathLike, name: str | None = None,
+                      runs_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint at ``source`` as run ``name`` (default: the folder's or repo's
+    name) under ``runs_dir`` (default ``trained_models/``); returns the run folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minlm import runs
+    from minlm.config import TrainConfig
+    from minlm.fileio import atomic_dir
+    from minlm.interop import from_hf, model_config_from_hf
+    from minlm.modelcard import write_model_card
+
+    folder = resolve_source(source)
+    name = name or str(source).rstrip("/").split("/")[-1]
+    base = Path(runs_dir) if runs_dir is not None else runs.default_runs_dir()
+    run_dir = base / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise runs.RunError(f"run {name!r} already exists in {base}; pass --overwrite to "
+                                "replace it, or choose another --name")
+        if not (run_dir / "model_config.json").exists():
+            raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a "
+                                "run folder")
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    try:
+        model_config_from_hf(hf_cfg)  # refuse an unsupported model before loading its weights
+    except ValueError as e:
+        raise ValueError(f"cannot import {source}: {e}") from None
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = from_hf(hf)
+    del hf
+    tokenizer = _tokenizer(folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"cannot import {source}: its tokenizer has {tokenizer.vocab_size} "
+                         f"tokens but the model only {model.config.vocab_size} embeddings")
+
+    with atomic_dir(run_dir) as tmp:
+        tok_path = runs.copy_tokenizer(tmp, tokenizer)
+        train_cfg = TrainConfig(run_name=name, out_dir=str(base), data=str(source),
+                                max_iters=1, max_minutes=0.0)
+        meta = {"kind": "import", "imported_from": str(source),
+                "params": model.num_params(),
+                "params_non_embedding": model.num_params(non_embedding=True),
+                "tokenizer_path": str(run_dir / tok_path.name), "tokenizer_hash": tokenizer.hash,
+                "versions": runs.library_versions(),
+                "status": f"imported from {source} ({hf_cfg.model_type})"}
+        runs.save_configs(tmp, model.config, train_cfg, meta)
+        runs.save_weights(tmp, model)
+        runs.write_log(tmp, [])
+    write_model_card(run_dir)
+    return run_dir

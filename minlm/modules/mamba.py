@@ -1,0 +1,172 @@
+"""Mamba: a selective state-space token mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence
+Modeling with Selective State Spaces", section 3), ``mixer="mamba"``, in pure PyTorch.
+
+Hand-written: the reference package (mamba-ssm) needs CUDA kernels; this keeps the same
+computation readable and CPU-friendly. Per channel e and state index n::
+
+    x, z     = in_proj(u)                               two branches of width E = expand * C
+    x        = silu(causal depthwise conv(x))           short local mixing (d_conv taps)
+    dt, B, C = x_proj(x);  dt = softplus(dt_proj(dt))   input-dependent ("selective") step
+    h_t      = exp(dt_t A) h_{t-1} + dt_t B_t x_t       A = -exp(A_log) < 0: a decay per (e, n)
+    y_t      = C_t . h_t + D x_t
+    out      = out_proj(y * silu(z))                    gated output
+
+Training runs a chunked scan: chunks of ``scan_chunk`` positions one after another, each with
+the MLGRU's log-depth ``linear_scan`` over its E * N channels. Scanning all T at once builds
+(B, T, E, N) tensors far larger than a CPU cache (a mamba-1m step at batch 8 x 256 took 17 s
+of CPU that way); on a CPU chunks of one position (a plain loop) were fastest (1.5 s against
+3.4 s for chunks of 16), a GPU prefers longer chunks.
+Decoding carries (the last d_conv - 1 conv inputs, h) and costs O(1) per token.
+
+Dimension letters: B batch, T time, C model width, E inner width, N state size, K conv taps,
+R rank of the step projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minlm.modules.fastpath import joint_linear
+from minlm.modules.mlgru import linear_scan
+from minlm.modules.registry import TokenMixer, option, register_mixer
+from minlm.tracing import Probe
+
+# dt_rank 0: ceil(dim / 16); scan_chunk 0: 1 on a CPU (fastest there, measured), else 32
+OPTIONS = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "scan_chunk": 0}
+
+
+def _sizes(cfg) -> tuple[int, int, int, int]:
+    E = option(cfg, "mamba", "expand") * cfg.dim
+    R = option(cfg, "mamba", "dt_rank") or math.ceil(cfg.dim / 16)
+    return E, option(cfg, "mamba", "d_state"), option(cfg, "mamba", "d_conv"), R
+
+
+def _validate(cfg) -> None:
+    from minlm.errors import ConfigError
+
+    for name in OPTIONS:
+        value = option(cfg, "mamba", name)
+        automatic = name in ("dt_rank", "scan_chunk")  # 0 picks the value
+        if value < (0 if automatic else 1):
+            raise ConfigError(f"mixer_options {name}={value} is invalid for mamba: must be "
+                              f"{'>= 0 (0: automatic)' if automatic else '>= 1'}")
+
+
+def _flops(cfg, T: int) -> float:
+    """The depthwise convolution (the projections count as weights; the scan is element-wise)."""
+    E, _, K, _ = _sizes(cfg)
+    return 2 * E * K
+
+
+def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
+    """Causal depthwise conv over time of x (B, E, T) after ``prev`` (B, E, K-1) earlier inputs
+    (zeros at the start); returns the output (B, E, T) and the last K-1 inputs for next time."""
+    K = conv.kernel_size[0]
+    if prev is None:
+        prev = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+    padded = torch.cat([prev, x], dim=-1)  # (B, E, K-1+T)
+    return F.conv1d(padded, conv.weight, conv.bias, groups=conv.groups), padded[:, :, padded.shape[-1] - (K - 1):]
+
+
+def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
+    """One token of ``causal_depthwise_conv``: x (B, E) -> (B, E), and the new K-1 inputs."""
+    K = conv.kernel_size[0]
+    if prev is None:
+        prev = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+    window = torch.cat([prev, x.unsqueeze(-1)], dim=-1)  # (B, E, K)
+    y = (window * conv.weight[:, 0]).sum(-1)  # (B, E)
+    return (y if conv.bias is None else y + conv.bias), window[:, :, 1:]
+
+
+@register_mixer("mamba", state="recurrent", options=OPTIONS, validate=_validate, flops=_flops,
+                examples={"d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "scan_chunk": 5},
+                # saved per token, one position per chunk: decays and states (E N each) and
+                # about 14 E-wide tensors (branches, conv, step sizes, gates)
+                memory=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1] + 14 * _sizes(cfg)[0])
+class Mamba(TokenMixer):
+    def __init__(self, cfg, layer_idx: int = 0):
+        super().__init__()
+        C = cfg.dim
+        E, N, K, R = _sizes(cfg)
+        self.E, self.N, self.R = E, N, R
+        self.scan_chunk = option(cfg, "mamba", "scan_chunk")
+        self.in_proj = nn.Linear(C, 2 * E, bias=cfg.attn_bias)
+        self.conv = nn.Conv1d(E, E, K, groups=E, bias=True)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(E, N))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, C, bias=cfg.attn_bias)
+        # probe points: the inner steps a trace shows
+        self.conv_out, self.step_size, self.states, self.gated = Probe(), Probe(), Probe(), Probe()
+        self.reset_special_parameters()
+
+    @torch.no_grad()
+    def reset_special_parameters(self) -> None:
+        """S4D-real A (decay rates 1..N), D = 1, step sizes log-uniform in [1e-3, 1e-1]
+        through the inverse softplus of dt_proj's bias, as the paper initialises them, and the
+        convolution's PyTorch default (the model's std 0.02 on 4 taps would mute the branch)."""
+        self.conv.reset_parameters()
+        self.A_log.copy_(torch.log(torch.arange(1, self.N + 1, dtype=torch.float32)).expand(self.E, -1))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(self.E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _selective(self, x: torch.Tensor):
+        """Step sizes (..., E), B and C (..., N) from the convolved input x (..., E)."""
+        dbc = self.x_proj(x)  # (..., R + 2N)
+        dt, Bm, Cm = dbc.split([self.R, self.N, self.N], dim=-1)
+        return F.softplus(self.dt_proj(dt)), Bm, Cm
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        E, N = self.E, self.N
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        valid = key_valid[:, -T:].unsqueeze(-1) if key_valid is not None else None  # (B, T, 1)
+        if valid is not None:  # padding (before a row's first token) acts as the zero start
+            xi = xi * valid.to(xi.dtype)
+        conv_prev, h0 = cache.state if cache is not None and cache.state is not None else (None, None)
+        xc, conv_next = causal_depthwise_conv(xi.transpose(1, 2), self.conv, conv_prev)
+        xc = self.conv_out(F.silu(xc).transpose(1, 2))  # (B, T, E)
+        dt, Bm, Cm = self._selective(xc)  # (B, T, E), (B, T, N), (B, T, N)
+        dt = self.step_size(dt)
+        A = -torch.exp(self.A_log)  # (E, N)
+        u = dt * xc  # (B, T, E)
+        if valid is not None:  # padding leaves the state alone: a = 1 (dt = 0), b = 0
+            dt, u = dt * valid.to(dt.dtype), u * valid.to(u.dtype)
+        ys, h = [], h0  # h: (B, E, N) after each chunk
+        chunk = self.scan_chunk or (1 if x.device.type == "cpu" else 32)
+        # split, not slice per chunk: a slice's backward writes a whole (B, T, E) zero tensor
+        for dt_c, u_c, B_c, C_c in zip(*(v.split(chunk, dim=1) for v in (dt, u, Bm, Cm))):
+            a = torch.exp(dt_c.unsqueeze(-1) * A)  # (B, L, E, N)
+            b = u_c.unsqueeze(-1) * B_c.unsqueeze(2)  # (B, L, E, N)
+            L = a.shape[1]
+            hs = linear_scan(a.reshape(B, L, E * N), b.reshape(B, L, E * N),
+                             None if h is None else h.reshape(B, E * N)).view(B, L, E, N)
+            ys.append((hs * C_c.unsqueeze(2)).sum(-1))  # (B, L, E): C_t . h_t
+            h = hs[:, -1]
+        h = self.states(h)  # (B, E, N): the state after the last token
+        if cache is not None:
+            cache.state = (conv_next, h)  # (B, E, K-1), (B, E, N)
+        y = torch.cat(ys, dim=1) + self.D * xc  # (B, T, E)
+        return self.out_proj(self.gated(y * F.silu(z)))
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row, x (B, C): the recurrence's single step, O(1) in the context."""
+        conv_prev, h = cache.state if cache.state is not None else (None, None)
+        xi, z = joint_linear(self, ("in_proj",), x).chunk(2, dim=-1)  # (B, E) each
+        xc, conv_next = conv_step(xi, self.conv, conv_prev)
+        xc = F.silu(xc)
+        dt, Bm, Cm = self._selective(xc)  # (B, E), (B, N), (B, N)
+        a = torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log))  # (B, E, N)
+        b = (dt * xc).unsqueeze(-1) * Bm.unsqueeze(1)  # (B, E, N)
+        h = b if h is None else a * h + b
+        cache.state = (conv_next, h)
+        y = (h * Cm.unsqueeze(1)).sum(-1) + self.D * xc  # (B, E)
+        return joint_linear(self, ("out_proj",), y * F.silu(z), residual)

@@ -1,0 +1,222 @@
+"""Registries of token mixers and channel mixers: a new architecture idea is one file.
+
+A token mixer (attention, MLGRU, Mamba, ...) registers itself with ``@register_mixer(name,
+...)`` on its class; a channel mixer (MLP, KAN, MoE) with ``@register_channel_mixer``. The
+registration declares what every path needs, so nothing else in ``minlm`` lists names:
+
+- ``state``: what cached decoding keeps per layer: ``"kv"`` (keys/values, the context is
+  bounded by ``block_size``) or ``"recurrent"`` (a fixed-size state, any length);
+- ``options``: the mixer's own settings with their defaults; a config passes them in
+  ``ModelConfig.mixer_options`` and the registry refuses unknown names and wrong types;
+- ``config_fields``: ``ModelConfig`` fields only this mixer reads (``window``, ``qk_norm``,
+  ...): a config that sets one while no layer uses the mixer is refused;
+- ``examples``: one non-default value per option and config field; the registry-generated
+  tests build a model with each and check forward, causality and cached decoding with it,
+  so an option left out of the decoding fast path fails a test;
+- ``flops(cfg, T)``: forward FLOPs per token at context T besides the weight matmuls, in
+  matrix-type ops (attention scores, convolutions), as MFU counts them and as
+  ``torch.utils.flop_counter`` measures them (a test checks they agree); element-wise work
+  is not counted; ``memory(cfg, T)``: values per token the mixer's forward saves for
+  backward (its input included), checked within 10 % of a measurement by the tests;
+- ``validate(cfg)``: extra checks with the same clear errors as the config's own.
+
+Mixers are built as ``cls(cfg, layer_idx)`` and called as ``mixer(x, positions=, cache=,
+key_valid=)``; for one-token decoding they may define ``step(x, positions, cache)`` beside
+``forward`` (``TokenMixer.step`` falls back to ``forward`` on a one-token sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minlm.errors import ConfigError
+from minlm.tracing import LoggingModule
+
+
+def _no_extra(cfg, T: int) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    cls: type
+    state: str = "kv"  # "kv" or "recurrent"
+    options: dict[str, Any] = field(default_factory=dict)
+    config_fields: tuple[str, ...] = ()
+    examples: dict[str, Any] = field(default_factory=dict)
+    flops: Callable[[Any, int], float] = _no_extra
+    memory: Callable[[Any, int], float] = _no_extra
+    validate: Callable[[Any], None] | None = None
+    positional: bool = False  # reads RoPE/ALiBi positions (attention does, recurrences don't)
+    requires: dict[str, Any] = field(default_factory=dict)  # config fields it needs (tests)
+
+
+@dataclass(frozen=True)
+class ChannelMixerSpec:
+    name: str
+    cls: type  # built as cls(cfg)
+    config_fields: tuple[str, ...] = ()
+    examples: dict[str, Any] = field(default_factory=dict)
+    memory: Callable[[Any, int], float] = _no_extra
+    validate: Callable[[Any], None] | None = None
+    requires: dict[str, Any] = field(default_factory=dict)  # e.g. moe: {"n_experts": 4}
+
+
+_MIXERS: dict[str, MixerSpec] = {}
+_CHANNEL_MIXERS: dict[str, ChannelMixerSpec] = {}
+
+
+def register_mixer(name: str, **spec):
+    """Class decorator: make ``cls`` the token mixer ``mixer=name`` (see the module doc)."""
+    def wrap(cls):
+        _check_new(name, _MIXERS, cls)
+        unknown = set(spec.get("examples", {})) - set(spec.get("options", {})) \
+            - set(spec.get("config_fields", ()))
+        if unknown:
+            raise ValueError(f"mixer {name!r}: examples for undeclared options {sorted(unknown)}")
+        _MIXERS[name] = MixerSpec(name, cls, **spec)
+        return cls
+    return wrap
+
+
+def register_channel_mixer(name: str, **spec):
+    """Class decorator: make ``cls`` the channel mixer ``mlp=name``."""
+    def wrap(cls):
+        _check_new(name, _CHANNEL_MIXERS, cls)
+        _CHANNEL_MIXERS[name] = ChannelMixerSpec(name, cls, **spec)
+        return cls
+    return wrap
+
+
+def _check_new(name: str, table: dict, cls) -> None:
+    old = table.get(name)
+    # re-importing the same file (a notebook reloading an experiment) replaces the entry
+    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__,
+                                                                          cls.__qualname__):
+        raise ValueError(f"{name!r} is already registered by {old.cls.__module__}."
+                         f"{old.cls.__qualname__}; pick another name")
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"mixer name {name!r} must be a lower-case identifier")
+
+
+def _load_builtins() -> None:
+    import minlm.modules  # noqa: F401 - importing the package registers the built-in mixers
+
+
+def mixers() -> dict[str, MixerSpec]:
+    """Every registered token mixer by name (the built-ins plus loaded experiments)."""
+    _load_builtins()
+    return dict(_MIXERS)
+
+
+def channel_mixers() -> dict[str, ChannelMixerSpec]:
+    _load_builtins()
+    return dict(_CHANNEL_MIXERS)
+
+
+def mixer_spec(name: str, field_name: str = "mixer") -> MixerSpec:
+    """The registration of ``name``, or a ConfigError listing what is registered."""
+    table = mixers()
+    spec = table.get(name)
+    if spec is None:
+        raise ConfigError(f"{field_name}={name!r} is not a registered token mixer; registered: "
+                          f"{', '.join(sorted(table))} (an experiment registers more: "
+                          "experiment=<name or path>)")
+    return spec
+
+
+def channel_mixer_spec(name: str, field_name: str = "mlp") -> ChannelMixerSpec:
+    table = channel_mixers()
+    if name not in table:
+        raise ConfigError(f"{field_name}={name!r} is not a registered channel mixer; "
+                          f"registered: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def check_options(options: dict[str, Any], specs: list[MixerSpec]) -> None:
+    """Refuse ``mixer_options`` that no mixer in use declares, or of the wrong type."""
+    declared: dict[str, Any] = {}
+    for s in specs:
+        declared.update(s.options)
+    for key, value in options.items():
+        if key not in declared:
+            names = ", ".join(s.name for s in specs)
+            valid = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(f"mixer_options has {key}={value!r}, which no mixer in use "
+                              f"({names}) declares; valid options: {valid}")
+        default = declared[key]
+        kind = float if isinstance(default, float) else type(default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"mixer_options {key}={value!r} is invalid: must be of type "
+                              f"{kind.__name__} (default {default!r})")
+
+
+def option(cfg, mixer: str, name: str):
+    """Option ``name`` of mixer ``mixer`` in ``cfg``: ``cfg.mixer_options[name]`` or the
+    mixer's declared default."""
+    return cfg.mixer_options.get(name, _MIXERS[mixer].options[name])
+
+
+class TokenMixer(LoggingModule):
+    """Base of token mixers: ``forward(x, positions=, cache=, key_valid=)`` over a sequence,
+    and ``step(x, positions, cache)`` for one new token per row during cached decoding.
+
+    The default ``step`` runs ``forward`` on a one-token sequence, so a new mixer decodes
+    correctly with nothing more; a mixer overrides it only to go faster, and the
+    registry-generated tests prove the override equal to ``forward``.
+    """
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C) -> (B, C), plus ``residual`` (B, C) if given (the block's stream, which a
+        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row."""
+        y = self.forward(x.unsqueeze(1), positions=positions, cache=cache).squeeze(1)
+        return y if residual is None else residual + y
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def load_experiment(name_or_path: str) -> str:
+    """Import an experiment package so its mixers and presets register; returns its module name.
+
+    ``name_or_path``: a folder name in the repository's ``experiments/`` (``"diffattn"``), or a
+    path to a package folder or a ``.py`` file anywhere. Importing twice is a no-op.
+    """
+    import importlib.util
+    import sys
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (EXPERIMENTS_DIR / name_or_path).exists():
+        path = EXPERIMENTS_DIR / name_or_path
+    if path.is_dir():
+        path = path / "__init__.py"
+    if not path.is_file():
+        names = sorted(p.parent.name for p in EXPERIMENTS_DIR.glob("*/__init__.py"))
+        raise ConfigError(f"experiment={name_or_path!r} is neither a folder of {EXPERIMENTS_DIR} "
+                          f"nor a path to a package or .py file; available: "
+                          f"{', '.join(names) or 'none'}")
+    module_name = "minlm_experiment_" + (path.parent.name if path.name == "__init__.py"
+                                         else path.stem)
+    if module_name in sys.modules:
+        return module_name
+    spec = importlib.util.spec_from_file_location(
+        module_name, path, submodule_search_locations=[str(path.parent)]
+        if path.name == "__init__.py" else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module_name

@@ -1,0 +1,319 @@
+"""Tests generated from the registries: every registered token mixer, with each option it
+declares, and every channel mixer, is checked for forward shapes, causality, loss at init,
+cached decoding against the full forward, trace rows and declared FLOPs. Experiments in
+experiments/ are loaded first, so their mixers are covered too; a registered mixer without
+a case here fails ``test_every_registered_mixer_is_covered``.
+
+Tiny models (dim 32, 2 layers, vocab 64, context 24) with weights moved off their init for
+the decoding checks, so logits are of order one and 1e-5 means something.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minlm import LM, ModelConfig
+from minlm.generate import TokenStream
+from minlm.modules import registry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+for _pkg in sorted(registry.EXPERIMENTS_DIR.glob("*/__init__.py")):
+    registry.load_experiment(_pkg.parent.name)
+
+MIXERS = registry.mixers()
+CHANNELS = registry.channel_mixers()
+
+
+def _experiment(spec) -> str:
+    """The experiments/ folder that registered ``spec`` ('' for a built-in)."""
+    module = spec.cls.__module__
+    return module.removeprefix("minlm_experiment_").split(".")[0] \
+        if module.startswith("minlm_experiment_") else ""
+
+
+def mixer_config(name: str, **opts) -> ModelConfig:
+    spec = MIXERS[name]
+    fields, options = dict(spec.requires), {}
+    for k, v in opts.items():
+        (options if k in spec.options else fields)[k] = v
+    base = dict(vocab_size=64, block_size=24, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                mixer=name, position="rope" if spec.positional else "none",
+                mixer_options=options, experiment=_experiment(spec))
+    return ModelConfig.from_preset("llama-1m", **{**base, **fields})
+
+
+def channel_config(name: str, **opts) -> ModelConfig:
+    spec = CHANNELS[name]
+    base = dict(vocab_size=64, block_size=24, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                mlp=name)
+    return ModelConfig.from_preset("llama-1m", **{**base, **spec.requires, **opts})
+
+
+MIXER_CASES = [(n, {}) for n in MIXERS] + [(n, {k: v}) for n, s in MIXERS.items()
+                                          for k, v in s.examples.items()]
+CHANNEL_CASES = [(n, {}) for n in CHANNELS] + [(n, {k: v}) for n, s in CHANNELS.items()
+                                               for k, v in s.examples.items()]
+CASES = ([("mixer", n, o) for n, o in MIXER_CASES]
+         + [("channel", n, o) for n, o in CHANNEL_CASES])
+IDS = [f"{kind}:{n}" + "".join(f"-{k}={v}" for k, v in o.items()) for kind, n, o in CASES]
+
+
+def build(kind: str, name: str, opts: dict, perturb: bool = False) -> LM:
+    torch.manual_seed(0)
+    cfg = (mixer_config if kind == "mixer" else channel_config)(name, **opts)
+    model = LM(cfg).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_every_registered_mixer_is_covered():
+    assert {n for _, n, _ in CASES} == set(registry.mixers()) | set(registry.channel_mixers())
+    for spec in list(MIXERS.values()) + list(CHANNELS.values()):
+        declared = set(getattr(spec, "options", {})) | set(spec.config_fields)
+        missing = declared - set(spec.examples)
+        assert not missing, f"{spec.name} declares {missing} without an example value to test"
+
+
+@pytest.mark.parametrize("kind, name, opts", CASES, ids=IDS)
+def test_forward_shapes_causality_and_loss_at_init(kind, name, opts):
+    model = build(kind, name, opts)
+    idx = torch.randint(0, 64, (2, 12))
+    targets = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        assert logits.shape == (2, 12, 64)
+        assert abs(loss.item() - math.log(64)) < 0.3  # near-uniform predictions at init
+        changed = idx.clone()
+        changed[:, 6:] = (changed[:, 6:] + 1) % 64
+        logits2, _ = model(changed)
+    assert torch.equal(logits[:, :6], logits2[:, :6])  # the future never leaks back
+    assert not torch.allclose(logits[:, 6:], logits2[:, 6:])
+
+
+def _stream(model, prompts, n, **kw):
+    s = TokenStream(model, prompts, n, keep_logits=True, temperature=0, **kw)
+    for _ in s:
+        pass
+    return s.new_tokens.clone(), torch.stack(s.logits)
+
+
+@pytest.mark.parametrize("kind, name, opts", CASES, ids=IDS)
+def test_cached_decoding_equals_full_forward(kind, name, opts):
+    """30 new tokens after a 7-token prompt also cross the context (24) for bounded mixers;
+    the fast path (LM.step), the cache through LM.forward and a left-padded batch all match
+    recomputing the whole context each step."""
+    model = build(kind, name, opts, perturb=True)
+    prompt = torch.randint(0, 64, (2, 7))
+    ref_ids, ref_logits = _stream(model, prompt, 30, use_cache=False)
+    assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
+    for kw in (dict(fast=True), dict(fast=False)):
+        ids, logits = _stream(model, prompt, 30, **kw)
+        assert (logits - ref_logits).abs().max().item() < 1e-5, kw
+        assert torch.equal(ids, ref_ids), kw
+    rows = [[1, 5, 9], [1, 7, 3, 30, 12, 8]]
+    ids, logits = _stream(model, rows, 6)
+    for r, row in enumerate(rows):
+        alone_ids, alone_logits = _stream(model, [row], 6)
+        assert torch.equal(ids[r], alone_ids[0])
+        assert (logits[:, r] - alone_logits[:, 0]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_trace_shows_the_mixer_and_its_inner_steps(name):
+    model = build("mixer", name, {})
+    t = model.trace(torch.randint(0, 64, (2, 8)))
+    rows = {r.path: r for r in t.rows}
+    assert rows["blocks.0.mixer"].out_shapes[0] == (2, 8, 32)
+    inner = [p for p in rows if p.startswith("blocks.0.mixer.")]
+    assert len(inner) >= 3, inner
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_declared_flops_match_the_flop_counter(name):
+    """The registration's FLOPs per token plus 2 x its weights equal what torch's FLOP counter
+    measures over one forward of the mixer (SDPA in its math form, which the counter sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build("mixer", name, {})
+    mixer = model.blocks[0].mixer
+    B, T = 2, 16
+    x = torch.randn(B, T, 32)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), \
+            sdpa_kernel(SDPBackend.MATH):
+        mixer(x, positions=torch.arange(T))
+    weights = sum(m.weight.numel() for m in mixer.modules() if isinstance(m, torch.nn.Linear))
+    expected = B * T * (2 * weights + MIXERS[name].flops(model.config, T))
+    assert counter.get_total_flops() == expected
+
+
+# --- cross-attention (standalone: queries from one sequence, keys/values from another) --------
+
+def test_cross_attention_shapes_mask_and_trace():
+    from minlm.modules import CrossAttention
+
+    torch.manual_seed(0)
+    xattn = CrossAttention(dim=32, n_heads=4, context_dim=24).eval()
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # row 1: the last three context tokens are padding
+    y = xattn(x, context, mask)
+    assert y.shape == (2, 5, 32)
+    changed = context.clone()
+    changed[1, 4:] += 10.0  # padding may hold anything
+    changed_y = xattn(x, changed, mask)
+    assert torch.allclose(y[1], changed_y[1]) and torch.equal(y[0], changed_y[0])
+    assert not torch.allclose(y[1], xattn(x, changed)[1])  # unmasked, padding matters
+    # the same as multi-head attention by hand: softmax(q k^T / sqrt(D)) v
+    q = xattn.q_proj(x[:1]).view(1, 5, 4, 8).transpose(1, 2)
+    k = xattn.k_proj(context[:1]).view(1, 7, 4, 8).transpose(1, 2)
+    v = xattn.v_proj(context[:1]).view(1, 7, 4, 8).transpose(1, 2)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, -1) @ v
+    assert torch.allclose(y[:1], xattn.o_proj(ref.transpose(1, 2).reshape(1, 5, 32)), atol=1e-6)
+    per_query = torch.ones(2, 5, 7, dtype=torch.bool)
+    per_query[:, 0] = False  # query 0 sees nothing: zeros, not NaN
+    assert torch.equal(xattn(x, context, per_query)[:, 0], xattn.o_proj(torch.zeros(2, 32))[:, :])
+    t = xattn.trace(x, context, mask)
+    shapes = {r.path: r.out_shapes[0] for r in t.rows}
+    assert shapes["scores"] == (2, 4, 5, 7) and shapes["k_heads"] == (2, 4, 7, 8)
+
+
+# --- experiments: loaded by name on the command line, recorded in the run folder --------------
+
+def test_experiment_trains_from_the_command_line_and_reloads(tmp_path):
+    """The experiment's mixer is added without editing minlm/: `experiment=diffattn` on the
+    command line registers it; the run folder records it; load_run in a fresh process (where
+    nothing was imported) rebuilds the model and generates."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "minlm", "train", "experiment=diffattn", "mixer=diffattn",
+           "dim=32", "n_layers=2", "n_heads=2", "n_kv_heads=0", "block_size=32",
+           "vocab_size=512", "max_iters=3", "batch_size=4", "eval_interval=3", "eval_iters=1",
+           "max_docs=200", "warmup_iters=1", f"out_dir={tmp_path}", "run_name=diff"]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = (tmp_path / "diff" / "model_config.json").read_text()
+    assert '"experiment": "diffattn"' in saved and '"mixer": "diffattn"' in saved
+    code = ("from minlm.runs import load_run; from minlm.generate import generate; "
+            f"r = load_run({str(tmp_path / 'diff')!r}); "
+            "print(type(r.model.blocks[0].mixer).__name__); "
+            "print(len(generate(r.model, r.tokenizer, 'Once', 5, temperature=0)) >= 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["DiffAttention", "True"]
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    from minlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"experiment='nope' is neither .* available: .*diffattn"):
+        ModelConfig(experiment="nope")
+    with pytest.raises(ConfigError, match=r"unknown preset 'diffattn-2m'.*experiment="):
+        ModelConfig.from_preset("diffattn-2m")
+
+
+@pytest.mark.parametrize("kind, name, opts", [c for c in CASES if not c[2]],
+                         ids=[i for c, i in zip(CASES, IDS) if not c[2]])
+def test_training_resumes_exactly_from_saved_state(kind, name, opts):
+    """Everything a mixer needs to continue training is in the state dicts: two steps, save,
+    load into a model built from another seed, one more step on both: identical weights."""
+    import io
+
+    model = build(kind, name, opts).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = [torch.randint(0, 64, (2, 12)) for _ in range(3)]
+
+    def step(m, o, x):
+        _, loss = m(x, torch.roll(x, -1, 1))
+        o.zero_grad()
+        loss.backward()
+        o.step()
+
+    for x in batches[:2]:
+        step(model, opt, x)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    torch.manual_seed(123)
+    other = LM(model.config).train()
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    other.load_state_dict(saved["model"])
+    other_opt.load_state_dict(saved["opt"])
+    step(model, opt, batches[2])
+    step(other, other_opt, batches[2])
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_declared_memory_is_within_10_percent_of_what_backward_keeps(name):
+    """The registration's values per token against the tensors one forward of the mixer saves
+    for backward (counted by storage, weights excluded), at batch 8 and context 32."""
+    model = build("mixer", name, {})
+    mixer = model.blocks[0].mixer.train()
+    B, T = 8, 32
+    x = torch.randn(B, T, 32, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixer(x, positions=torch.arange(T))
+    measured = sum(saved.values()) / 4 / (B * T)  # fp32 values per token
+    declared = MIXERS[name].memory(model.config, T)
+    assert abs(declared - measured) <= 0.1 * measured, (declared, measured)
+
+
+def test_modules_do_not_import_the_config():
+    """config imports the registry to check names; no file of minlm/modules imports config
+    back (anywhere, not only at the top), so neither can import half of the other."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "minlm" / "modules").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n.startswith("minlm.config") for n in names), path.name
+                assert node.module != "minlm" or "config" not in [a.name for a in node.names]
+
+
+@pytest.mark.parametrize("mixer, block_spec", [
+    ("mlgru", "norm>mixer>+ norm>mlgru>+ norm>mlp>+"),         # two recurrences in one layer
+    ("attention", "norm>mixer|attention>+ norm>mlp>+"),         # two attentions side by side
+    ("mlgru", "norm>mixer>+ norm>attention>+ norm>mlp>+"),     # a recurrence and attention
+    ("mamba", ["norm>griffin>+ norm>mlp>+", "norm>mixer>+", "norm>attention>+ norm>mlp>+"]),
+])
+def test_layouts_with_several_mixers_decode_like_the_full_forward(mixer, block_spec):
+    """Each mixer of a layer keeps its own cache slot: sharing one, an attention layer and a
+    recurrence (or two attentions) would overwrite each other's keys or state."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama-1m", vocab_size=64, block_size=24, dim=32, n_layers=3,
+                                  n_heads=4, n_kv_heads=2, mixer=mixer, block_spec=block_spec,
+                                  position="learned")
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = torch.randint(0, 64, (2, 7))
+    ref_ids, ref_logits = _stream(model, prompt, 20, use_cache=False)
+    for kw in (dict(fast=True), dict(fast=False)):
+        ids, logits = _stream(model, prompt, 20, **kw)
+        assert (logits - ref_logits).abs().max().item() < 1e-5, kw
+        assert torch.equal(ids, ref_ids), kw
