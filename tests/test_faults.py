@@ -76,13 +76,18 @@ def command(kind: str, setting, out_dir: Path, name: str) -> list[str]:
     else:
         args = ["dpo", str(parent), "--data", str(root / "pairs.jsonl"), "epochs=12", *TUNE]
     return [sys.executable, "-m", "minlm", *args, f"out_dir={out_dir}", f"run_name={name}",
-            "verbose=false", "resume=true"]
+            "verbose=false"]
 
 
 def launch(cmd: list[str], file_limit: int = 0) -> subprocess.Popen:
+    """Start the run, or resume it once it has written its configs (resume=true refuses a run
+    that does not exist, as a person would be told)."""
     def limit():  # runs in the child: a file-size limit stands in for a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
+    given = dict(a.split("=", 1) for a in cmd if a.startswith(("out_dir=", "run_name=")))
+    if (Path(given["out_dir"]) / given["run_name"] / "train_config.json").exists():
+        cmd = [*cmd, "resume=true"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=limit if file_limit else None)
 
