@@ -197,7 +197,7 @@ def sync(device: torch.device) -> None:
 
 
 def is_oom(e: BaseException) -> bool:
-    from minlm.runs import is_out_of_memory
+    from minlm.memory import is_out_of_memory
 
     return isinstance(e, torch.OutOfMemoryError) or is_out_of_memory(e)
 
@@ -554,8 +554,7 @@ def stage_speed(b: Bench) -> None:
 
 def pick_batch(b: Bench, cfg: ModelConfig) -> int:
     """The largest power-of-two batch whose memory estimate fits in 90 % of free memory."""
-    from minlm.memory import estimate_training_bytes
-    from minlm.runs import available_memory
+    from minlm.memory import available_memory, estimate_training_bytes
 
     free = available_memory(b.device)
     batch = 4 if b.dry else 512

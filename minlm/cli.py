@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from minlm.errors import report_errors  # the one way a command turns errors into exit codes
+
 
 def cmd_trace(args) -> None:
     import torch
@@ -63,16 +65,12 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from minlm.config import ConfigError, ModelConfig, TrainConfig
-    from minlm.runs import read_configs, run_names
+    from minlm.config import ModelConfig, TrainConfig
+    from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import train
 
-    model_items, train_items = split_overrides(args.overrides)
+    model_items, train_items = split_overrides(_settings(args))
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
-    if train_cfg.resume and not train_cfg.run_name:
-        there = ", ".join(run_names(train_cfg.out_dir)) or "none"
-        raise ConfigError(f"resume=true needs run_name=<the run to continue>; runs in "
-                          f"{train_cfg.out_dir}: {there}")
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
         model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved
@@ -81,6 +79,11 @@ def cmd_train(args) -> int:
     else:
         model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
+    if train_cfg.init_from and args.preset is None:  # a continuation keeps the parent's model
+        model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir))[0]
+        model_cfg = model_cfg.with_overrides(model_items)
+    if args.dry_run:  # the resolved settings, before any check of the run folder
+        return _dry_run(model=model_cfg, train=train_cfg)
     result = train(model_cfg, train_cfg)
     return _report_result(result, train_cfg.verbose,
                           f"continue it with: python -m minlm train run_name={result.run_dir.name} "
@@ -89,17 +92,18 @@ def cmd_train(args) -> int:
 
 def _report_result(result, verbose: bool, resume_hint: str) -> int:
     """Print the result line once (the run already said it when verbose; under torchrun only
-    rank 0 speaks) and turn why the run stopped into the exit code: 0 finished (or a planned
-    end: time budget, early stop), 130 Ctrl-C, 143 SIGTERM, 1 any other stop."""
+    rank 0 speaks) and return the run's exit code (``result.exit_code``, set by the engine:
+    0 finished or a planned end, 1 failed, 130 Ctrl-C, 143 SIGTERM); a non-zero end also
+    says on stderr where the state is and how to continue."""
     if not verbose and os.environ.get("RANK", "0") == "0":
         print(result)
-    why = result.stopped
-    if not why or "time budget" in why or why.startswith("early stop"):
-        return 0
-    code = 130 if "interrupt" in why else 143 if "SIGTERM" in why or "terminated" in why else 1
-    print(f"{'stopped' if code != 1 else 'error: the run stopped'} at step {result.step}: {why}; "
-          f"the state saved is in {result.run_dir}" + (f"; {resume_hint}" if resume_hint else ""),
-          file=sys.stderr)
+    code = result.exit_code
+    if code == 1:
+        print(f"error: the run failed at step {result.step}: {result.stopped} (run folder "
+              f"{result.run_dir}; its last good checkpoint is kept)", file=sys.stderr)
+    elif code:
+        print(f"stopped at step {result.step}: {result.stopped}; the state saved is in "
+              f"{result.run_dir}" + (f"; {resume_hint}" if resume_hint else ""), file=sys.stderr)
     return code
 
 
@@ -294,9 +298,11 @@ def _finetune(args, kind: str) -> int:
 
     cls, fn = (finetune.SFTConfig, finetune.sft) if kind == "sft" else (finetune.DPOConfig,
                                                                           finetune.dpo)
-    cfg = cls().with_overrides(args.overrides)
+    cfg = cls().with_overrides(_settings(args))
     if args.data:
         cfg = cfg.replace(data=args.data)
+    if args.dry_run:
+        return _dry_run(**{kind: cfg})
     if args.skip_invalid:
         cfg = cfg.replace(skip_invalid=True)
     return _report_result(fn(args.run, config=cfg), cfg.verbose, "")
@@ -433,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "set as key=value, e.g. max_iters=500 lr=1e-3 dim=192.")
     tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
     tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
 
     se = sub.add_parser("search", help="grid search over config fields, with a memory budget "
@@ -537,9 +544,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "skip_invalid=true")
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
+        _add_config_args(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     _add_travel_commands(sub)
     return p
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="a JSON or YAML file of settings; key=value "
+                   "overrides apply on top (the seed projects' names are accepted too)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings as JSON and stop")
+
+
+def _settings(args) -> list[str]:
+    """The --config file's settings, then the command line's, keys in our spelling."""
+    from minlm.settings import canonical_item, read_config_file
+
+    items = (read_config_file(args.config) if getattr(args, "config", None) else [])
+    return [canonical_item(i) for i in items + list(args.overrides)]
+
+
+def _dry_run(**configs) -> int:
+    import json
+
+    print(json.dumps({k: v.to_dict() for k, v in configs.items()}, indent=2))
+    return 0
 
 
 def _add_travel_commands(sub) -> None:
@@ -572,25 +602,3 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     return report_errors(lambda: args.func(args), args.debug)
-
-
-def report_errors(fn, debug: bool = False) -> int:
-    """Run a command: its own exit code (0 if it returns none); bad input one ``error:`` line
-    and 2; anything unexpected one line and 1; Ctrl-C 130. ``debug`` re-raises instead."""
-    try:
-        code = fn()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
-        if debug:
-            raise
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
-    return code or 0

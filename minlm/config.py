@@ -290,7 +290,7 @@ class ModelConfig(_Serialisable):
             self.block_spec = list(self.block_spec)
             if not all(isinstance(s, str) for s in self.block_spec):
                 _fail("block_spec", self.block_spec, "must be a layout string or a list of them")
-        self._check_types()
+        self._check_types()  # also rejects NaN / infinity in float fields
         for name in ("vocab_size", "block_size", "dim", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be a positive integer")
@@ -458,14 +458,24 @@ class TrainConfig(_Serialisable):
     max_docs: int = 0  # use only the first N documents (0 = all); handy for quick experiments
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     verbose: bool = True
+    epochs: float = 0.0  # > 0: train this many passes over the training tokens (sets max_iters)
+    init_from: str = ""  # a run (name or folder) whose weights this new run starts from
+    keep_best: bool = False  # also keep the best evaluation's weights (model-best.safetensors)
+    patience: int = 0  # stop after this many evaluations in a row above the best; 0: never
+    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (comma-separated)
 
     def __post_init__(self) -> None:
-        self._check_types()
+        self._check_types()  # also rejects NaN / infinity in float fields
         self._require(("max_iters", "batch_size", "grad_accum_steps", "eval_interval",
                        "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"),
                       lambda v: v >= 1, "must be a positive integer")
-        self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs"),
+        self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs",
+                       "epochs", "patience"),
                       lambda v: v >= 0, "must be >= 0")
+        logger_names(self.logger)
+        if self.init_from and self.resume:
+            raise ConfigError(f"init_from={self.init_from!r} starts a new run from another run's "
+                              "weights and resume=true continues this one; pick one")
         self._require(("lr",), lambda v: v > 0, "must be > 0")
         self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")
@@ -492,6 +502,19 @@ def check_folder_name(name: str, value: str) -> None:
             or value != value.strip()):
         _fail(name, value, "must be a plain folder name without path separators, '..' or "
               "surrounding spaces (the folder is created under out_dir)")
+
+
+LOGGERS = ("tensorboard", "mlflow")  # see minlm.loggers
+
+
+def logger_names(spec: str) -> list[str]:
+    """The loggers a ``logger=`` setting names; an unknown name is a ConfigError."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"logger={spec!r} is invalid: {', '.join(unknown)} is not one of "
+                          f"{', '.join(LOGGERS)} (comma-separated; empty: log.csv only)")
+    return names
 
 
 def _divisors(n: int) -> list[int]:

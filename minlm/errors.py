@@ -1,7 +1,32 @@
 """The error every config check raises, in a module of its own so that ``minlm.config`` and
 ``minlm.modules`` (whose registrations validate their own options) can both import it
-without importing each other."""
+without importing each other, and ``report_errors``, which turns errors into a command's
+one line and exit code (``python -m minlm`` and ``python -m minlm.tokenizer`` both use it)."""
+
+import sys
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field, the value and the fix."""
+
+
+def report_errors(fn, debug: bool = False) -> int:
+    """Run a command: its own exit code (0 if it returns none); bad input one ``error:`` line
+    and 2; anything unexpected one line and 1; Ctrl-C 130. ``debug`` re-raises instead."""
+    try:
+        code = fn()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return code or 0

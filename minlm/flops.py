@@ -32,7 +32,7 @@ GPU_PEAKS = {
 def flops_per_token(cfg: ModelConfig, n_params_matmul: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token of context ``cfg.block_size``."""
     if n_params_matmul is None:
-        from minlm.runs import estimate_params
+        from minlm.memory import estimate_params
 
         # lookups cost no matmul: drop the position table, and the token table unless it is
         # tied to the head (then it is counted once, as the head's matmul)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minlm import tracing
+import minlm.tracing as tracing
 from minlm.config import ModelConfig
 from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm

@@ -145,3 +145,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
     factor = lr / base_lr
     for g in optimizer.param_groups:
         g["lr"] = g.get("base_lr", base_lr) * factor
+
+
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Learning rate for 0-based ``step``: linear warmup, then decay to ``lr * min_lr_ratio``.
+
+    ``progress`` (0..1) overrides ``step / max_iters`` for the decay, e.g. for time budgets.
+    """
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if progress is None:
+        span = max(1, cfg.max_iters - cfg.warmup_iters)
+        progress = (step - cfg.warmup_iters) / span
+    progress = min(max(progress, 0.0), 1.0)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return min_lr + (cfg.lr - min_lr) * (1 - progress)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))

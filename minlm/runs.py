@@ -8,7 +8,9 @@ exact resume. Every file is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -20,14 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from minlm.config import ModelConfig, TrainConfig
+from minlm.data import data_dir
+from minlm.distributed import resolve_device  # the one check that the device exists
 from minlm.fileio import atomic_path, atomic_write_text
+from minlm.memory import estimate_params  # noqa: F401 - kept importable from runs
 from minlm.model import LM
+from minlm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
+# The log's columns, for every kind of training (fine-tuning adds its own after these):
+# step, tokens (processed so far), elapsed_s (wall clock, summed over resumes), lr,
+# train_loss (mean over the step's micro-batches; without the MoE aux term), val_loss and
+# val_bpb (at evaluations), tokens_per_s (since the previous row), grad_norm (before
+# clipping), mfu (model FLOPs utilisation where the peak is known), aux_loss (MoE load
+# balance), train_bpb (train_loss in bits per byte of the training text).
 LOG_COLUMNS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb",
-               "tokens_per_s", "grad_norm", "mfu", "aux_loss"]
+               "tokens_per_s", "grad_norm", "mfu", "aux_loss", "train_bpb"]
 WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "model-best.safetensors"  # keep_best=true: the best evaluation's weights
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 REQUIRED_FILES = ("model_config.json", "train_config.json", WEIGHTS)
 
@@ -91,7 +105,7 @@ def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def library_versions() -> dict[str, str]:
-    import minlm
+    import minlm  # here, not at the top: minlm/__init__ may still be importing when runs loads
 
     return {"minlm": minlm.__version__, "torch": str(torch.__version__),
             "python": platform.python_version()}
@@ -114,39 +128,75 @@ def hardware(device: torch.device) -> str:
 
 def save_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  meta: dict[str, Any]) -> None:
+    """Both configs, portable: no output folder, no absolute path (see ``portable``)."""
     model_cfg.to_json(run_dir / "model_config.json")
-    payload = {**train_cfg.to_dict(), "meta": meta}
+    train = {k: v for k, v in train_cfg.to_dict().items() if k != "out_dir"}
+    payload = portable({**train, "meta": meta})
     atomic_write_text(run_dir / "train_config.json", json.dumps(payload, indent=2) + "\n")
 
 
-def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None) -> None:
+def portable(value: Any, data_root: Path | None = None) -> Any:
+    """``value`` (JSON-like) with every absolute path made machine-independent: a file under
+    the data directory becomes its path relative to it, any other its name alone. A run
+    folder is copied and shared; the machine that trained it should not show in it."""
+    if isinstance(value, dict):
+        return {k: portable(v, data_root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, data_root) for v in value]
+    if not isinstance(value, str) or not os.path.isabs(value) or any(c.isspace() for c in value):
+        return value
+    root = (data_root or data_dir()).resolve()
+    path = Path(value)
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def absolute_paths(value: Any) -> list[str]:
+    """The absolute paths inside a JSON-like value (what ``portable`` removes)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in absolute_paths(v)]
+    if isinstance(value, str) and os.path.isabs(value) and not any(c.isspace() for c in value):
+        return [value]
+    return []
+
+
+def data_files(paths: list[str | os.PathLike], hash_limit: int = 1 << 30) -> list[dict]:
+    """What a run read: each file relative to the data directory, its size and sha256 (files
+    over ``hash_limit`` bytes are not hashed: hashing a huge corpus at every start costs more
+    than the record is worth)."""
+    out = []
+    for p in map(Path, paths):
+        size = p.stat().st_size
+        digest = None
+        if size <= hash_limit:
+            with open(p, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        out.append({"path": portable(str(p.resolve())), "bytes": size, "sha256": digest})
+    return out
+
+
+def save_weights(run_dir: Path, model: LM, state_dict: dict | None = None,
+                 filename: str = WEIGHTS) -> None:
     """Weights of the unwrapped model in safetensors (shared tensors, e.g. a tied head, once).
 
     ``state_dict`` (e.g. gathered from FSDP shards) is loaded into a CPU copy first."""
-    from safetensors.torch import save_model
-
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)  # DistributedDataParallel
     sharded = any(type(p.data).__name__ == "DTensor" for p in model.parameters())  # FSDP2
     if state_dict is not None and sharded:
         model = LM(model.config)
         model.load_state_dict(state_dict)
-    try:
-        with atomic_path(run_dir / WEIGHTS) as tmp:
-            save_model(model, str(tmp))
-    except (RuntimeError, OSError) as e:  # safetensors raises its own error type on a full disk
-        raise OSError(f"could not write {run_dir / WEIGHTS}: {write_failure(run_dir, e)}") from e
-    except Exception as e:  # noqa: BLE001 - SafetensorError is not an OSError
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise OSError(f"could not write {run_dir / WEIGHTS}: {write_failure(run_dir, e)}") from e
+    with atomic_path(run_dir / filename) as tmp, _write_errors(run_dir / filename):
+        save_model(model, str(tmp))
 
 
 def copy_tokenizer(run_dir: Path, tokenizer) -> Path:
     """Save the tokenizer into the run (``tokenizer.model`` or ``tokenizer.json``) so the folder
     is self-contained; its hash is recorded in train_config.json."""
-    from minlm.tokenizer import SentencePieceTokenizer
-
     suffix = ".model" if isinstance(tokenizer, SentencePieceTokenizer) else ".json"
     dest = run_dir / f"tokenizer{suffix}"
     if not dest.exists() or dest.read_bytes() != tokenizer.to_bytes():
@@ -162,14 +212,16 @@ def write_log(run_dir: Path, rows: list[dict], columns: list[str] | None = None)
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    atomic_write_text(run_dir / "log.csv", buf.getvalue())
+    with _write_errors(run_dir / "log.csv"):
+        atomic_write_text(run_dir / "log.csv", buf.getvalue())
 
 
-def append_log_row(run_dir: Path, row: dict) -> None:
+def append_log_row(run_dir: Path, row: dict, columns: list[str] | None = None) -> None:
     """Append one row as it happens, for anyone watching; checkpoints rewrite the whole file."""
+    columns = columns or LOG_COLUMNS
     with open(Path(run_dir) / "log.csv", "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore").writerow(
-            {k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(
+            {k: _fmt(row.get(k)) for k in columns})
 
 
 def _fmt(v: Any) -> Any:
@@ -181,7 +233,7 @@ def _fmt(v: Any) -> Any:
 
 
 def read_log(run_dir: Path):
-    import pandas as pd
+    import pandas as pd  # lazy: heavy, and only listing and reading logs as frames need it
 
     path = Path(run_dir) / "log.csv"
     if not path.exists():
@@ -206,6 +258,19 @@ def _parse(v: str) -> Any:
         return float(v)
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path, what: str = "", after: str = ""):
+    """torch.save and safetensors report a failed write (a full disk, a file-size limit) as
+    RuntimeError ("enforce fail at inline_container.cc") or SafetensorError; turn those, and
+    a plain OSError, into an OSError that names the file and says why (``write_failure``)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - narrowed just below
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"could not write {what}{path}: {write_failure(path.parent, e)}{after}") from e
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -220,12 +285,9 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:
     path = run_dir / f"checkpoint-{step:08d}.pt"
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (RuntimeError, OSError) as e:  # torch says only "enforce fail at inline_container.cc"
-        raise OSError(f"could not write the checkpoint {path}: {write_failure(run_dir, e)}; the "
-                      "previous checkpoint is kept") from e
+    with atomic_path(path) as tmp, _write_errors(path, "the checkpoint ",
+                                                 "; the previous checkpoint is kept"):
+        torch.save(state, tmp)
     for _, old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -285,63 +347,6 @@ def _unreadable(e: Exception) -> str:
         return ("it holds pickled Python objects besides tensors; refused, because loading "
                 "them could run code (minlm checkpoints hold only tensors and plain values)")
     return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def checkpoint_bytes(model: LM) -> int:
-    """About what a checkpoint takes: fp32 weights plus two AdamW moments."""
-    return 3 * 4 * model.num_params()
-
-
-def disk_space_problem(run_dir: Path, model: LM) -> str:
-    """Why a checkpoint cannot be written safely now, or "" if it can (room for two copies)."""
-    need = 2 * checkpoint_bytes(model) + 4 * model.num_params() + (1 << 20)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        return (f"not enough disk space in {run_dir}: a checkpoint needs about "
-                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
-    return ""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for a new run: free GPU memory, or available RAM on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every OS reports it
-        return 1 << 62
-
-
-def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse, before allocating anything, a run whose estimate exceeds the memory free."""
-    from minlm.memory import estimate_training_bytes
-
-    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
-    free = available_memory(device)
-    if est > free:
-        raise MemoryError(oom_message(None, train_cfg, model_cfg) + f"; {free / 2**30:.2f} GiB "
-                          f"are free on {device}")
-
-
-def oom_message(model: LM | None, train_cfg: TrainConfig, model_cfg: ModelConfig) -> str:
-    from minlm.memory import estimate_training_bytes
-
-    est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
-    n = model.num_params() if model is not None else estimate_params(model_cfg)
-    return (f"out of memory training {n:,} parameters at batch_size="
-            f"{train_cfg.batch_size}, block_size={model_cfg.block_size} (estimated "
-            f"{est / 2**30:.2f} GiB); try batch_size={max(1, train_cfg.batch_size // 2)} with "
-            f"grad_accum_steps={train_cfg.grad_accum_steps * 2}, or a smaller block_size")
-
-
-def estimate_params(cfg: ModelConfig) -> int:
-    with torch.device("meta"):
-        return LM(cfg).num_params()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -409,11 +414,6 @@ def find_tokenizer_file(run_dir: Path) -> Path:
 def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
              runs_dir: str | os.PathLike | None = None) -> Run:
     """Model + tokenizer ready for inference, from a run folder or a run name."""
-    from safetensors.torch import load_model
-
-    from minlm.tokenizer import load_tokenizer
-    from minlm.train import resolve_device  # the one check that the device exists
-
     device = resolve_device(device) if isinstance(device, str) and ":" not in device else device
     run_dir = resolve_run_dir(name_or_path, runs_dir)
     missing = [f for f in REQUIRED_FILES if not (run_dir / f).exists()]
@@ -468,7 +468,7 @@ def _tied(model: LM, key: str, saved: dict) -> bool:
 
 def list_runs(runs_dir: str | os.PathLike | None = None):
     """One row per run folder with its size and final figures, best val bits per byte first."""
-    import pandas as pd
+    import pandas as pd  # lazy: heavy, and only listing and reading logs as frames need it
 
     base = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     rows = []

@@ -277,8 +277,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
-    from minlm.memory import estimate_training_bytes
-    from minlm.runs import estimate_params
+    from minlm.memory import estimate_params, estimate_training_bytes
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else

@@ -638,7 +638,7 @@ def compression_table(tokenizers: Sequence[str | Tokenizer], documents: Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
-    from minlm.cli import report_errors
+    from minlm.errors import report_errors
 
     p = argparse.ArgumentParser(prog="python -m minlm.tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -39,3 +39,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shard_cache(tmp_path_factory):
+    """Token shards cached per test module, outside the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINLM_CACHE_DIR", str(tmp_path_factory.mktemp("shards")))
+    yield
+    mp.undo()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minlm.runs import load_run
+from minlm.runs import absolute_paths, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.parent for p in (REPO / "trained_models").glob("*/model.safetensors"))
@@ -36,3 +36,26 @@ def test_readme_first_command_generates_without_data(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Once upon a time") and len(p.stdout.split()) > 6
     assert not (tmp_path / ".cache").exists()
+
+
+def test_no_shipped_file_records_an_absolute_path():
+    """A run folder travels: nothing in it may name the machine that trained it."""
+    import csv
+    import json
+    import re
+
+    found = []
+    for path in sorted((REPO / "trained_models").rglob("*")):
+        if path.suffix == ".json":
+            found += [(path, p) for p in absolute_paths(json.loads(path.read_text()))]
+        elif path.suffix == ".csv":
+            with open(path, newline="") as f:
+                found += [(path, c) for row in csv.reader(f) for c in absolute_paths(row)]
+        elif path.suffix == ".md":
+            found += [(path, m) for m in re.findall(r"(?<![\w:/.~])/[\w.-]+/[\w./-]*",
+                                                    path.read_text())]
+    assert not found, found
+
+
+def test_absolute_paths_are_found_where_they_would_hide():
+    assert absolute_paths({"a": [{"b": "/work/runs"}], "c": "tinystories/train.txt"}) == ["/work/runs"]

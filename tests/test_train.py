@@ -12,15 +12,6 @@ from minlm.train import StopFlag, lr_at, make_optimizer, train
 DETERMINISTIC_COLUMNS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm"]
 
 
-@pytest.fixture(scope="module")
-def shard_cache(tmp_path_factory):
-    """Token shards are cached per test module, outside the user's cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MINLM_CACHE_DIR", str(tmp_path_factory.mktemp("shards")))
-    yield
-    mp.undo()
-
-
 def tiny_model_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=512, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, block_size=32)
     return ModelConfig.from_preset("llama-0.5m", **{**base, **kw})

@@ -142,7 +142,7 @@ def test_normal_stop_leaves_the_tqdm_bar_green(cfgs, monkeypatch):
             super().__init__(*a, **k)
             bars.append(self)
 
-    monkeypatch.setattr(minlm.train, "tqdm", Recorded)
+    monkeypatch.setattr(minlm.engine, "tqdm", Recorded)  # the one loop draws the bar
     model_cfg, train_cfg = cfgs
     widget = TrainingWidget(model_cfg, train_cfg.replace(verbose=True))
     widget.start()

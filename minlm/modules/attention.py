@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minlm import tracing
+import minlm.tracing as tracing
 from minlm.errors import ConfigError
 from minlm.modules.bitlinear import make_linear
 from minlm.modules.fastpath import joint_linear

@@ -1,0 +1,90 @@
+"""Settings as people bring them: config files and the names the seed projects used.
+
+``--config file.json`` (or ``.yaml``) on a training command becomes ``key=value`` items that
+go through exactly the parsing and validation of command-line overrides, with the command
+line's own overrides applied on top. A file may be flat or split into ``model`` / ``train``
+(or ``finetune``) sections. The seed projects' names (``learning_rate``, ``n_layer``, ...) are
+accepted as aliases of ours, each with a one-line notice, so their configs keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from minlm.config import ConfigError
+
+# the seed scripts' name -> minlm's field (ModelConfig or TrainConfig)
+ALIASES = {
+    "learning_rate": "lr",
+    "max_iter": "max_iters",
+    "num_batch_accum": "grad_accum_steps",
+    "n_layer": "n_layers",
+    "n_head": "n_heads",
+    "head_size": "head_dim",
+    "val_iter": "eval_iters",
+    "val_intervals": "eval_interval",
+    "resume_checkpoint": "resume",
+    "compile_model": "compile",
+    "checkpoint_path": "out_dir",
+    "dataloader_num_workers": "num_workers",
+    "verbose": "verbose",  # same name here; listed so that the seed's full set is accepted
+}
+SECTIONS = ("model", "train", "finetune", "sft", "dpo")
+
+
+def canonical(key: str, notice=None) -> str:
+    """Our name for ``key`` (dashes read as underscores); an alias says what it maps to."""
+    key = key.strip().replace("-", "_")
+    ours = ALIASES.get(key, key)
+    if ours != key:
+        (notice or (lambda m: print(m, file=sys.stderr)))(f"note: {key!r} is read as {ours!r}")
+    return ours
+
+
+def canonical_item(item: str, notice=None) -> str:
+    """A ``key=value`` item with the key in our spelling (other items are left as they are)."""
+    if "=" not in item:
+        return item
+    key, value = item.split("=", 1)
+    return f"{canonical(key, notice)}={value}"
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def read_config_file(path: str | Path) -> list[str]:
+    """The settings in a JSON or YAML file as ``key=value`` items (sections flattened)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # only YAML configs need it (pyyaml, in requirements.txt)
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold a mapping of settings, not "
+                          f"{type(data).__name__}")
+    flat: dict = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return [f"{k}={_as_text(v)}" for k, v in flat.items()]
