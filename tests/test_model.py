@@ -220,7 +220,10 @@ def test_shipped_models_give_the_logits_recorded_before_the_registry():
         run = load_run(Path(__file__).parents[1] / "trained_models" / name)
         with torch.no_grad():
             logits, _ = run.model(recorded[f"{name}.idx"])
-        assert torch.equal(logits[:, :, :64], recorded[f"{name}.logits"]), name
+        # equal up to the order of float sums, which depends on the thread count (BitLinear's
+        # activation scale reads a max over a matmul's output, so 2 threads differ by ~6e-6)
+        torch.testing.assert_close(logits[:, :, :64], recorded[f"{name}.logits"], rtol=0,
+                                   atol=1e-5, msg=name)
 
 
 def test_old_parameter_names_load_into_the_new_model():
