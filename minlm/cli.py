@@ -10,6 +10,7 @@ import os
 import sys
 
 from minlm.errors import report_errors  # the one way a command turns errors into exit codes
+from minlm.tokenizer import add_tokenizer_commands  # one copy of the tokenizer commands
 
 
 def cmd_trace(args) -> None:
@@ -547,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     _add_travel_commands(sub)
+    tk = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer, or measure bytes per "
+                        "token of tokenizers on a text file")
+    add_tokenizer_commands(tk.add_subparsers(dest="tokenizer_command", required=True))
     return p
 
 
