@@ -658,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
     from minlm.errors import report_errors
 
-    p = argparse.ArgumentParser(prog="python -m minlm.tokenizer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minlm.tokenizer",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     add_tokenizer_commands(p.add_subparsers(dest="cmd", required=True))
     args = p.parse_args(argv)
