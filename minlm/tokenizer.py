@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from minlm.errors import report_errors
 from minlm.fileio import atomic_write_bytes
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tokenizers"
@@ -258,7 +259,7 @@ class SentencePieceTokenizer(Tokenizer):
         """
         import sentencepiece as spm
 
-        from minlm.data import read_documents
+        from minlm.data import read_documents  # lazy: minlm.data imports torch
 
         files = [Path(text_files)] if isinstance(text_files, (str, os.PathLike)) else [
             Path(f) for f in text_files]
@@ -404,7 +405,7 @@ class CharTokenizer(_TableTokenizer):
     @classmethod
     def build(cls, text_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> CharTokenizer:
         """From a text (a ``str``) or from files (a Path, or a list of paths) read as documents."""
-        from minlm.data import read_documents
+        from minlm.data import read_documents  # lazy: minlm.data imports torch
 
         if isinstance(text_or_files, str):
             maybe_path = len(text_or_files) < 1024 and "\n" not in text_or_files
@@ -656,8 +657,6 @@ def add_tokenizer_commands(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
-    from minlm.errors import report_errors
-
     p = argparse.ArgumentParser(prog="python -m minlm.tokenizer",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -667,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_train(args) -> None:
-    from minlm.data import resolve_text_files
+    from minlm.data import resolve_text_files  # lazy: minlm.data imports torch
 
     train_files, _ = resolve_text_files(args.data)
     tok = SentencePieceTokenizer.train(train_files, args.vocab_size, args.model_type,
@@ -677,7 +676,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_measure(args) -> None:
-    from minlm.data import read_documents
+    from minlm.data import read_documents  # lazy: minlm.data imports torch
 
     print("| tokenizer | vocab | bytes | tokens | bytes/token |\n|---|---|---|---|---|")
     for name in args.tokenizers:
