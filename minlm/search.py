@@ -35,6 +35,7 @@ import torch
 from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.loss import chunk_rows
+from minlm.model import LM
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -313,7 +314,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
-    from minlm.memory import estimate_params, estimate_training_bytes
+    from minlm.memory import estimate_training_bytes
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
@@ -343,7 +344,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
             if compute_budget:
                 tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
             configs[t.name] = (m, tc.replace(run_name=t.name))
-            t.params = estimate_params(m)
+            t.params = LM.count_params(m)
             if max_params is not None and t.params > max_params:
                 t.status = "skipped"
                 t.reason = f"{t.params:,} parameters, over the limit of {max_params:,}"

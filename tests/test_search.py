@@ -52,9 +52,9 @@ def test_candidates_and_overrides():
 
 def test_measured_step_memory_counts_state_and_grows_with_batch(tmp_path):
     model, train = base_cfgs(tmp_path)
-    from minlm.runs import estimate_params
+    from minlm.model import LM
 
-    n = estimate_params(model)
+    n = LM.count_params(model)
     sizes = [measure_step_memory(model, train.replace(batch_size=b)) for b in (4, 8, 16)]
     assert sizes[0] > 4 * 4 * n  # weights, grads and two AdamW moments in fp32, plus activations
     step1, step2 = sizes[1] - sizes[0], sizes[2] - sizes[1]
