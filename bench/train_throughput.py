@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from minlm import LM, ModelConfig
-from minlm.data import get_batch, prepare
+from minlm.data import get_batch
+from minlm.prepare import prepare
 from minlm.interop import to_hf_gpt2, to_hf_llama
 from minlm.tokenizer import shipped_tokenizer_path
 

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ROLES = ("system", "user", "assistant")
+from minlm.fileio import atomic_path
+from minlm.sources import (  # noqa: F401 - ROLES and check_messages are re-exported here
+    ROLES,
+    check_messages,
+    folder_files,
+    jsonl_rows,
+)
+from minlm.tokenizer import BYTE_PIECE
+
 MODES = ("response", "completion", "imitation")
 Mode = Literal["response", "completion", "imitation"]
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -47,36 +55,6 @@ class ChatDataError(ValueError):
 # ---------------------------------------------------------------------------------------
 # validating one example
 # ---------------------------------------------------------------------------------------
-
-def check_messages(obj: Any, column: str = "messages") -> list[dict[str, str]]:
-    """The conversation in ``obj`` (a list of messages, or an object holding one under
-    ``column``) as clean ``{"role", "content"}`` dicts; ValueError says what is wrong."""
-    if isinstance(obj, dict):
-        if column not in obj:
-            raise ValueError(f"has no {column!r} field (fields: {sorted(obj)})")
-        obj = obj[column]
-    if not isinstance(obj, (list, tuple)):
-        raise ValueError(f"{column!r} must be a list of messages, found {type(obj).__name__}")
-    if not obj:
-        raise ValueError("the conversation has no messages")
-    out = []
-    for k, m in enumerate(obj):
-        if not isinstance(m, dict):
-            raise ValueError(f"message {k} is a {type(m).__name__}, not an object with "
-                             "'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"message {k} has role {role!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {k} ({role}) has content of type "
-                             f"{type(content).__name__}, not a string")
-        if role == "system" and k != 0:
-            raise ValueError(f"message {k} is a system message; only the first may be one")
-        out.append({"role": role, "content": content})
-    if all(m["role"] == "system" for m in out):
-        raise ValueError("the conversation has only a system message")
-    return out
-
 
 def check_preference(obj: Any) -> dict[str, Any]:
     """A DPO pair ``{"prompt": [messages] | str, "chosen": str, "rejected": str}`` (chosen and
@@ -142,7 +120,7 @@ class ChatData:
 def resolve_chat_file(data: str | os.PathLike) -> Path:
     """A chat file (or a folder of them) by path, by a path under ``$MINLM_DATA_DIR``, or by
     name (``hh_rlhf_helpful_sft``, ``hh_rlhf_helpful_dpo``)."""
-    from minlm.data import data_dir
+    from minlm.data import data_dir  # lazy: minlm.data imports torch, chat readers need not
 
     p = Path(data)
     if p.is_file() or p.is_dir():
@@ -159,8 +137,6 @@ def resolve_chat_file(data: str | os.PathLike) -> Path:
 def _raw_items(path: Path, column: str,
                parquet_columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, raw object) for each example; JSON syntax errors name the line."""
-    from minlm.sources import jsonl_rows
-
     if path.suffix == ".jsonl":
         yield from jsonl_rows(path)
     elif path.suffix == ".json":
@@ -205,8 +181,6 @@ def _raw_items(path: Path, column: str,
 
 def _read(path, check, column: str, skip_invalid: bool, limit: int,
           parquet_columns: Sequence[str] | None = None) -> ChatData:
-    from minlm.sources import folder_files
-
     path = resolve_chat_file(path)
     out = ChatData([], path=path)
     files = folder_files(path) if path.is_dir() else [path]
@@ -251,8 +225,6 @@ def read_preferences(path: str | os.PathLike, skip_invalid: bool = False,
 
 def write_conversations(conversations: Iterable[list[dict]], path: str | os.PathLike) -> int:
     """Write ``{"messages": [...]}`` examples as .jsonl, .json or .parquet (atomically)."""
-    from minlm.fileio import atomic_path
-
     path = Path(path)
     if path.suffix not in (".jsonl", ".json", ".parquet"):  # before any folder is created
         raise ChatDataError(f"cannot write {path}: use a .jsonl, .json or .parquet name")
@@ -394,8 +366,6 @@ def readable_pieces(tok, ids: Sequence[int], mask: Sequence[int]) -> list[str]:
     """``piece_text`` of each token, except that a run of byte-fallback tokens with the same
     mask that decodes to whole characters shows as those characters (a curly apostrophe,
     not ``<0xE2><0x80><0x99>``): the first token of the run carries the text, the rest ``""``."""
-    from minlm.tokenizer import BYTE_PIECE
-
     pieces = [tok.piece_text(i) for i in ids]
     k = 0
     while k < len(ids):

@@ -10,6 +10,7 @@ import os
 import sys
 
 from minlm.errors import report_errors  # the one way a command turns errors into exit codes
+from minlm.tokenizer import add_tokenizer_commands  # one copy of the tokenizer commands
 
 
 def cmd_trace(args) -> None:
@@ -108,8 +109,6 @@ def _report_result(result, verbose: bool, resume_hint: str) -> int:
 
 
 def cmd_search(args) -> int:
-    from pathlib import Path
-
     import pandas as pd
 
     from minlm.config import ModelConfig, TrainConfig, check_folder_name
@@ -135,17 +134,14 @@ def cmd_search(args) -> int:
                     memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
                     compute_budget=args.compute, max_params=args.max_params)
     table = result.table
-    out = Path(train_cfg.out_dir) / args.name
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    result.figure().savefig(out / "results.png", dpi=120)
+    saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
                          "status", "reason"] if c in table.columns]
     with pd.option_context("display.width", 220, "display.max_columns", 20,
                            "display.max_colwidth", 70):
         print(table[shown].to_string(index=False))
     best = result.best
-    print(f"wrote {out / 'results.csv'} and {out / 'results.png'}")
+    print(f"wrote {saved} and {saved.with_suffix('.png')}")
     if best is None:
         print(f"error: no candidate trained: all {len(table)} were skipped or failed (reasons "
               "in the table above)", file=sys.stderr)
@@ -547,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     _add_travel_commands(sub)
+    tk = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer, or measure bytes per "
+                        "token of tokenizers on a text file")
+    add_tokenizer_commands(tk.add_subparsers(dest="tokenizer_command", required=True))
     return p
 
 

@@ -376,24 +376,3 @@ def _masked(y: torch.Tensor, tokens, idx: np.ndarray) -> torch.Tensor:
         return y
     y[torch.from_numpy(np.asarray(mask[idx]) == 0)] = -100
     return y
-
-
-# ---------------------------------------------------------------------------------------
-# chat data (readers, template and SFT examples live in minlm.chatdata)
-# ---------------------------------------------------------------------------------------
-
-from minlm.chatdata import (  # noqa: E402 - re-exported: data.py is where people look first
-    ChatData,
-    ChatDataError,
-    Example,
-    chat_example,
-    chat_examples,
-    convert,
-    pack_examples,
-    parse_chat,
-    read_conversations,
-    read_preferences,
-    render_chat,
-    write_conversations,
-)
-from minlm.prepare import prepare  # noqa: E402 - the trainer and notebooks call data.prepare

@@ -200,7 +200,8 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from minlm.runs import estimate_params, read_configs, read_log
+    from minlm.model import LM
+    from minlm.runs import read_configs, read_log
 
     if x not in X_AXES:
         raise ValueError(f"x={x!r} is invalid: use one of {', '.join(X_AXES)}")
@@ -220,7 +221,7 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
         rows.append({
             "run": run_dir.name,
             "preset": train_cfg.preset,
-            "params": meta.get("params") or estimate_params(model_cfg),
+            "params": meta.get("params") or LM.count_params(model_cfg),
             "vocab_size": model_cfg.vocab_size,
             "steps": int(last["step"]) if last is not None else 0,
             "tokens": int(last["tokens"]) if last is not None else 0,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from minlm.config import ModelConfig
+from minlm.model import LM
 
 # dense peak FLOP/s by device-name substring: (bf16, fp32); from the vendors' data sheets
 GPU_PEAKS = {
@@ -32,13 +33,7 @@ GPU_PEAKS = {
 def flops_per_token(cfg: ModelConfig, n_params_matmul: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token of context ``cfg.block_size``."""
     if n_params_matmul is None:
-        from minlm.memory import estimate_params
-
-        # lookups cost no matmul: drop the position table, and the token table unless it is
-        # tied to the head (then it is counted once, as the head's matmul)
-        n_params_matmul = (estimate_params(cfg)
-                           - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
-                           - cfg.block_size * cfg.dim * (cfg.position == "learned"))
+        n_params_matmul = LM.count_params(cfg, matmul=True)  # lookups cost no matmul
     return 6 * n_params_matmul + 3 * mixer_flops_per_token(cfg, cfg.block_size)
 
 

@@ -22,7 +22,7 @@ def estimate_training_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: 
     (about 16 x dim plus the MLP hidden width x 3 and the attention probabilities when they are
     materialised), then the logits. An estimate to within a factor of ~2, not a measurement.
     """
-    params = estimate_params(cfg)
+    params = LM.count_params(cfg)
     tokens = batch_size * cfg.block_size
     per_token_layer = 16 * cfg.dim + 3 * cfg.ffn_dim + cfg.n_heads * min(cfg.block_size, 1024) // 8
     activations = tokens * (cfg.n_layers * per_token_layer + 2 * cfg.vocab_size)
@@ -70,13 +70,8 @@ def check_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.d
 
 def oom_message(model: LM | None, train_cfg: TrainConfig, model_cfg: ModelConfig) -> str:
     est = estimate_training_bytes(model_cfg, train_cfg.batch_size)
-    n = model.num_params() if model is not None else estimate_params(model_cfg)
+    n = model.num_params() if model is not None else LM.count_params(model_cfg)
     return (f"out of memory training {n:,} parameters at batch_size="
             f"{train_cfg.batch_size}, block_size={model_cfg.block_size} (estimated "
             f"{est / 2**30:.2f} GiB); try batch_size={max(1, train_cfg.batch_size // 2)} with "
             f"grad_accum_steps={train_cfg.grad_accum_steps * 2}, or a smaller block_size")
-
-
-def estimate_params(cfg: ModelConfig) -> int:
-    with torch.device("meta"):
-        return LM(cfg).num_params()

@@ -106,6 +106,26 @@ class LM(LoggingModule):
                 n -= self.pos.weight.numel()
         return n
 
+    def matmul_params(self) -> int:
+        """Parameters that multiply activations, what training FLOPs count: all but the lookup
+        tables (a token table tied to the head counts once, as the head's matmul)."""
+        n = self.num_params()
+        if self.head.weight is not self.embed.weight:
+            n -= self.embed.weight.numel()
+        if isinstance(self.pos, LearnedPositions):
+            n -= self.pos.weight.numel()
+        return n
+
+    @classmethod
+    def count_params(cls, config: ModelConfig, non_embedding: bool = False,
+                     matmul: bool = False) -> int:
+        """Parameters of the model ``config`` describes, without building it in memory (on the
+        meta device): the one count that memory estimates, search and FLOPs use, so it cannot
+        drift from the model. ``non_embedding``/``matmul``: as ``num_params``/``matmul_params``."""
+        with torch.device("meta"):
+            model = cls(config)
+        return model.matmul_params() if matmul else model.num_params(non_embedding)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, key_valid: torch.Tensor | None = None, return_logits: bool = True):

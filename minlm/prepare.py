@@ -29,7 +29,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minlm.fileio import atomic_path, atomic_write_text
-from minlm.sources import HF_PREFIX, HubSource, check_split_by, read_records
+from minlm.chatdata import MODES, ChatDataError, chat_example
+from minlm.data import (
+    DEFAULT_VAL_FRACTION,
+    Shards,
+    _cache_root,
+    _is_val,
+    resolve_text_files,
+    token_dtype,
+)
+from minlm.sources import HF_PREFIX, HubSource, check_split_by, folder_files, read_records
+from minlm.tokenizer import load_tokenizer
 
 CHUNK_DOCS = 256  # records per task sent to a worker
 
@@ -41,8 +51,6 @@ def _cache_key_name(data: str) -> str:
 
 def _source_ids(sources: list) -> list:
     """What identifies the sources' content: path, size and mtime of files; the Hub spec."""
-    from minlm.sources import folder_files
-
     out = []
     for s in sources:
         if isinstance(s, HubSource):
@@ -79,8 +87,6 @@ def _init_worker(cls, blob: bytes, loss_mask: str | None) -> None:
 
 def _encode_chunk(task):
     """(group, is_val per record, ids, mask or None, tokens per record, bytes per record)."""
-    from minlm.chatdata import ChatDataError, chat_example
-
     group, items = task
     tok, mode = _worker["tok"], _worker["loss_mask"]
     ids, masks, lengths, n_bytes = [], [], [], []
@@ -109,8 +115,6 @@ def _tasks(sets, fraction, max_docs, text_column, split_by, done: set):
     """(group, [(is_val, where, record), ...]) chunks in source order. A group is one set of
     sources with a fixed split (None: val split off by document index); a group in ``done``
     is read no further (its token budget is spent)."""
-    from minlm.data import _is_val
-
     for group, (fixed_split, sources) in enumerate(sets):
         chunk, k = [], 0
         for where, record in itertools.chain.from_iterable(
@@ -203,16 +207,6 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
     them back into one stream). ``loss_mask`` (``response``/``completion``/``imitation``)
     stores which tokens of chat data are targets. ``num_workers=0`` uses every core.
     """
-    from minlm.chatdata import MODES
-    from minlm.data import (
-        DEFAULT_VAL_FRACTION,
-        Shards,
-        _cache_root,
-        resolve_text_files,
-        token_dtype,
-    )
-    from minlm.tokenizer import load_tokenizer
-
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     for name, value in (("max_tokens", max_tokens), ("shard_tokens", shard_tokens),
@@ -286,8 +280,6 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
 
 
 def _load_prepared(folder: Path, tokenizer, verbose: bool):
-    from minlm.data import Shards
-
     shards = Shards.load(folder)
     if shards.meta.get("tokenizer_hash") != tokenizer.hash:
         raise ValueError(
@@ -302,8 +294,6 @@ def _load_prepared(folder: Path, tokenizer, verbose: bool):
 def _source_bytes(sets) -> int | None:
     """Bytes of plain-text source files, the progress bar's total; None (no total) for a Hub
     source or JSON/parquet, whose file bytes are not the text bytes the bar counts."""
-    from minlm.sources import folder_files
-
     total = 0
     for _, sources in sets:
         for s in sources:

@@ -28,7 +28,6 @@ from minlm.config import ModelConfig, TrainConfig
 from minlm.data import data_dir
 from minlm.distributed import resolve_device  # the one check that the device exists
 from minlm.fileio import atomic_path, atomic_write_text
-from minlm.memory import estimate_params  # noqa: F401 - kept importable from runs
 from minlm.model import LM
 from minlm.tokenizer import SentencePieceTokenizer, load_tokenizer
 

@@ -35,6 +35,7 @@ import torch
 from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.loss import chunk_rows
+from minlm.model import LM
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -176,13 +177,21 @@ class Trial:
     tokens: int = 0
     compute: float = 0.0  # training FLOPs so far
     val_bpb: float = math.nan
-    run_dir: str = ""
+    run_dir: str = ""  # the run folder, as this process reaches it (the table holds its name)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val bpb)
 
 
 @dataclass
 class SearchResult:
     trials: list[Trial]
+    dir: Path | None = None  # the search folder: its runs, study.db, results.csv
+
+    def _in_dir(self, run_dir: str) -> str:
+        """A run folder relative to the search folder, so a table still holds when the folder
+        moves (another machine, a renamed parent)."""
+        if not run_dir or self.dir is None:
+            return run_dir
+        return os.path.relpath(Path(run_dir).resolve(), Path(self.dir).resolve())
 
     @property
     def table(self):
@@ -194,9 +203,21 @@ class SearchResult:
             rows.append({"trial": t.name, **t.overrides, "params": t.params,
                          "peak_memory_mb": round(t.peak_memory / 2**20, 1), "steps": t.steps,
                          "tokens": t.tokens, "compute_flops": t.compute, "val_bpb": t.val_bpb,
-                         "status": t.status, "reason": t.reason, "run_dir": t.run_dir})
+                         "status": t.status, "reason": t.reason,
+                         "run_dir": self._in_dir(t.run_dir)})
         df = pd.DataFrame(rows)
         return df.sort_values("val_bpb", na_position="last", kind="stable").reset_index(drop=True)
+
+    def save(self) -> Path:
+        """Write ``results.csv`` (run folders relative to the search folder; read it back with
+        ``read_results``) and ``results.png`` into the search folder; returns the table's path."""
+        if self.dir is None:
+            raise ValueError("this search result has no folder to save into (dir=None)")
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        path = Path(self.dir) / "results.csv"
+        self.table.to_csv(path, index=False)
+        self.figure().savefig(Path(self.dir) / "results.png", dpi=120)
+        return path
 
     @property
     def best(self) -> Trial | None:
@@ -231,6 +252,22 @@ class SearchResult:
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         return fig
+
+
+def read_results(search_dir: str | os.PathLike):
+    """The ``results.csv`` of a search folder, its ``run_dir`` column resolved to paths this
+    process can open (tables written before run folders were relative hold absolute paths,
+    which stay as they are)."""
+    import pandas as pd
+
+    search_dir = Path(search_dir)
+    path = search_dir / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no search results at {path}")
+    table = pd.read_csv(path)
+    table["run_dir"] = [str(search_dir / r) if r else ""
+                        for r in table["run_dir"].fillna("").astype(str)]
+    return table
 
 
 def _rungs(max_iters: int, eval_interval: int, eta: int, n_rungs: int) -> list[int]:
@@ -277,7 +314,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
-    from minlm.memory import estimate_params, estimate_training_bytes
+    from minlm.memory import estimate_training_bytes
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
@@ -307,7 +344,7 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
             if compute_budget:
                 tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
             configs[t.name] = (m, tc.replace(run_name=t.name))
-            t.params = estimate_params(m)
+            t.params = LM.count_params(m)
             if max_params is not None and t.params > max_params:
                 t.status = "skipped"
                 t.reason = f"{t.params:,} parameters, over the limit of {max_params:,}"
@@ -354,9 +391,11 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
         rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
         _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again), rungs,
                      eta, dev, budget, callbacks)
-        for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "run_dir",
-                  "peak_memory", "params"):
+        for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "peak_memory",
+                  "params"):
             trial.set_user_attr(k, getattr(t, k))
+        # relative, as in results.csv: the study stays valid when the search folder moves
+        trial.set_user_attr("run_dir", SearchResult(trials, out_dir)._in_dir(t.run_dir))
         trial.set_user_attr("curve", [list(c) for c in t.curve])
         say(f"{t.name}: {t.status}" + (f"; {t.reason}" if t.reason else
                                        f", val bpb {t.val_bpb:.4f} at step {t.steps}"))
@@ -368,8 +407,8 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
         return t.val_bpb if t.status == "trained" else math.nan
 
     _work_on(study, objective, heartbeat, out_dir / "study.lock")
-    _read_back(study, trials, runnable)
-    return SearchResult(trials)
+    _read_back(study, trials, runnable, out_dir)
+    return SearchResult(trials, out_dir)
 
 
 def _say(verbose: bool):
@@ -462,7 +501,7 @@ def _work_on(study, objective, heartbeat: int, lock_path: Path) -> None:
             time.sleep(heartbeat)
 
 
-def _read_back(study, trials: list[Trial], runnable: list[int]) -> None:
+def _read_back(study, trials: list[Trial], runnable: list[int], out_dir: Path) -> None:
     """Fill each runnable trial from the last finished study trial of its candidate."""
     from optuna.trial import TrialState
 
@@ -477,8 +516,9 @@ def _read_back(study, trials: list[Trial], runnable: list[int]) -> None:
             t.status, t.reason = "failed", "no finished trial in the study"
             continue
         attrs = last[i].user_attrs
-        for k in ("status", "reason", "steps", "tokens", "compute", "run_dir"):
+        for k in ("status", "reason", "steps", "tokens", "compute"):
             setattr(t, k, attrs[k])
+        t.run_dir = str(out_dir / attrs["run_dir"]) if attrs["run_dir"] else ""
         t.val_bpb = math.nan if attrs["val_bpb"] is None else float(attrs["val_bpb"])
         t.curve = [tuple(c) for c in attrs["curve"]]
 

@@ -32,6 +32,7 @@ SEPARATOR = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SPLIT_BY = ("auto", "doc", "line", "blank-line")
 HF_PREFIX = "hf:"
+ROLES = ("system", "user", "assistant")  # of a chat message
 
 Record = str | list  # a document's text, or a conversation (a list of messages)
 
@@ -77,10 +78,38 @@ def folder_files(folder: Path) -> list[Path]:
 # records of one file
 # ---------------------------------------------------------------------------------------
 
+def check_messages(obj: Any, column: str = "messages") -> list[dict[str, str]]:
+    """The conversation in ``obj`` (a list of messages, or an object holding one under
+    ``column``) as clean ``{"role", "content"}`` dicts; ValueError says what is wrong."""
+    if isinstance(obj, dict):
+        if column not in obj:
+            raise ValueError(f"has no {column!r} field (fields: {sorted(obj)})")
+        obj = obj[column]
+    if not isinstance(obj, (list, tuple)):
+        raise ValueError(f"{column!r} must be a list of messages, found {type(obj).__name__}")
+    if not obj:
+        raise ValueError("the conversation has no messages")
+    out = []
+    for k, m in enumerate(obj):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {k} is a {type(m).__name__}, not an object with "
+                             "'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {k} has role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {k} ({role}) has content of type "
+                             f"{type(content).__name__}, not a string")
+        if role == "system" and k != 0:
+            raise ValueError(f"message {k} is a system message; only the first may be one")
+        out.append({"role": role, "content": content})
+    if all(m["role"] == "system" for m in out):
+        raise ValueError("the conversation has only a system message")
+    return out
+
+
 def to_record(obj: Any, where: str, text_column: str = "text") -> Record:
     """A row as a document (str) or a conversation (checked messages); ValueError otherwise."""
-    from minlm.chatdata import check_messages
-
     try:
         if isinstance(obj, str):
             return obj

@@ -8,7 +8,8 @@ embeddings later), a content ``hash`` that a run records, and ``display()`` to s
     tok.encode("Once upon a time", bos=True)      # -> [2, ...]
     tok.display("Once upon a time")               # [Once][ upon][ a][ time]
 
-Build the shipped models with ``python -m minlm.tokenizer train ...`` (see tokenizers/README.md).
+Build the shipped models with ``python -m minlm tokenizer train ...`` (or ``python -m
+minlm.tokenizer train ...``; see tokenizers/README.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from minlm.errors import report_errors
 from minlm.fileio import atomic_write_bytes
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tokenizers"
@@ -257,7 +259,7 @@ class SentencePieceTokenizer(Tokenizer):
         """
         import sentencepiece as spm
 
-        from minlm.data import read_documents
+        from minlm.data import read_documents  # lazy: minlm.data imports torch
 
         files = [Path(text_files)] if isinstance(text_files, (str, os.PathLike)) else [
             Path(f) for f in text_files]
@@ -403,7 +405,7 @@ class CharTokenizer(_TableTokenizer):
     @classmethod
     def build(cls, text_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> CharTokenizer:
         """From a text (a ``str``) or from files (a Path, or a list of paths) read as documents."""
-        from minlm.data import read_documents
+        from minlm.data import read_documents  # lazy: minlm.data imports torch
 
         if isinstance(text_or_files, str):
             maybe_path = len(text_or_files) < 1024 and "\n" not in text_or_files
@@ -636,13 +638,9 @@ def compression_table(tokenizers: Sequence[str | Tokenizer], documents: Sequence
     return pd.DataFrame(rows).sort_values("vocab_size", kind="stable").reset_index(drop=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
-    from minlm.errors import report_errors
-
-    p = argparse.ArgumentParser(prog="python -m minlm.tokenizer", description=__doc__.split("\n")[0])
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_tokenizer_commands(sub) -> None:
+    """Register ``train`` and ``measure`` on an argparse subparsers object: the one copy of
+    their arguments, used by ``python -m minlm tokenizer`` and ``python -m minlm.tokenizer``."""
     t = sub.add_parser("train", help="train a sentencepiece tokenizer")
     t.add_argument("data", help="dataset name (tinystories, shakespeare) or text file/folder")
     t.add_argument("--vocab-size", type=int, required=True)
@@ -650,29 +648,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--input-sentence-size", type=int, default=20_000,
                    help="documents sampled for training (0 = all)")
     t.add_argument("--out", required=True, help="output .model path")
+    t.set_defaults(func=cmd_train)
     m = sub.add_parser("measure", help="bytes per token of tokenizers on a text file")
     m.add_argument("file", help="text file (documents as read by minlm.data.read_documents)")
     m.add_argument("tokenizers", nargs="+", help="tokenizer paths or shipped names")
+    m.set_defaults(func=cmd_measure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Errors from bad input print one line and exit non-zero, as ``python -m minlm`` does."""
+    p = argparse.ArgumentParser(prog="python -m minlm.tokenizer",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_tokenizer_commands(p.add_subparsers(dest="cmd", required=True))
     args = p.parse_args(argv)
-    return report_errors(lambda: _run(args), args.debug)
+    return report_errors(lambda: args.func(args), args.debug)
 
 
-def _run(args) -> None:
-    from minlm.data import read_documents, resolve_text_files
+def cmd_train(args) -> None:
+    from minlm.data import resolve_text_files  # lazy: minlm.data imports torch
 
-    if args.cmd == "train":
-        train_files, _ = resolve_text_files(args.data)
-        tok = SentencePieceTokenizer.train(train_files, args.vocab_size, args.model_type,
-                                           out_path=args.out,
-                                           input_sentence_size=args.input_sentence_size)
-        print(f"wrote {args.out}: vocab {tok.vocab_size}, sha256 {tok.hash[:12]}")
-    else:
-        print("| tokenizer | vocab | bytes | tokens | bytes/token |\n|---|---|---|---|---|")
-        for name in args.tokenizers:
-            tok = load_tokenizer(name)
-            n_bytes, n_tokens = bytes_per_token(tok, read_documents(args.file))
-            print(f"| {name} | {tok.vocab_size} | {n_bytes} | {n_tokens} | "
-                  f"{n_bytes / n_tokens:.3f} |")
+    train_files, _ = resolve_text_files(args.data)
+    tok = SentencePieceTokenizer.train(train_files, args.vocab_size, args.model_type,
+                                       out_path=args.out,
+                                       input_sentence_size=args.input_sentence_size)
+    print(f"wrote {args.out}: vocab {tok.vocab_size}, sha256 {tok.hash[:12]}")
+
+
+def cmd_measure(args) -> None:
+    from minlm.data import read_documents  # lazy: minlm.data imports torch
+
+    print("| tokenizer | vocab | bytes | tokens | bytes/token |\n|---|---|---|---|---|")
+    for name in args.tokenizers:
+        tok = load_tokenizer(name)
+        n_bytes, n_tokens = bytes_per_token(tok, read_documents(args.file))
+        print(f"| {name} | {tok.vocab_size} | {n_bytes} | {n_tokens} | "
+              f"{n_bytes / n_tokens:.3f} |")
 
 
 if __name__ == "__main__":

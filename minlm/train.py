@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from minlm import distributed, memory, runs
 from minlm.config import ConfigError, ModelConfig, TrainConfig
-from minlm.data import _check_split, prepare
+from minlm.data import _check_split
+from minlm.prepare import prepare
 from minlm.distributed import resolve_device  # noqa: F401 - kept importable from train
 from minlm.engine import Engine, StopFlag
 from minlm.flops import cpu_bf16_is_faster

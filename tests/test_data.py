@@ -15,11 +15,11 @@ from minlm import data
 from minlm.data import (
     get_batch,
     iter_eval_batches,
-    prepare,
     read_documents,
     resolve_text_files,
     token_dtype,
 )
+from minlm.prepare import prepare
 from minlm.tokenizer import load_tokenizer
 
 

@@ -193,7 +193,7 @@ def test_epochs_set_the_steps_and_keep_best_keeps_the_best_weights(tmp_path):
     cfg = train_cfg(tmp_path, epochs=0.02, max_iters=1, eval_interval=2, checkpoint_interval=2,
                     keep_checkpoints=100, keep_best=True, lr=3e-2)
     result = train(model_cfg(), cfg)
-    from minlm.data import prepare
+    from minlm.prepare import prepare
 
     shards = prepare(cfg.data, load_tokenizer("tinystories-512"), max_docs=300, num_workers=1,
                      verbose=False)

@@ -243,3 +243,22 @@ def test_old_parameter_names_load_into_the_new_model():
     new = dict(old)
     remap_legacy_keys(new)
     assert set(new) == set(model.state_dict())
+
+
+def test_the_model_owns_its_parameter_count():
+    """``LM.count_params`` (from a config, nothing allocated) is the count memory estimates,
+    search and FLOPs use; it matches the built model and a hand count of the lookup tables."""
+    from minlm.flops import flops_per_token, mixer_flops_per_token
+
+    V, C, T = 64, 16, 32
+    for overrides in ({}, {"tie_embeddings": False}, {"position": "learned"},
+                      {"tie_embeddings": False, "position": "learned"}):
+        cfg = ModelConfig.from_preset("gpt2-1m", vocab_size=V, dim=C, n_heads=2, n_layers=2,
+                                      block_size=T, **overrides)
+        model = LM(cfg)
+        n = model.num_params()
+        assert LM.count_params(cfg) == n
+        assert LM.count_params(cfg, non_embedding=True) == model.num_params(non_embedding=True)
+        lookups = V * C * (not cfg.tie_embeddings) + T * C * (cfg.position == "learned")
+        assert LM.count_params(cfg, matmul=True) == model.matmul_params() == n - lookups
+        assert flops_per_token(cfg) == 6 * (n - lookups) + 3 * mixer_flops_per_token(cfg, T)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from minlm import data as data_mod
-from minlm.chatdata import read_conversations
+from minlm.chatdata import parse_chat, read_conversations, render_chat
 from minlm.config import ModelConfig, TrainConfig
 from minlm.data import Shards, get_batch, read_documents
 from minlm.prepare import prepare
@@ -78,7 +78,7 @@ def test_flat_message_list_and_folder_of_json(tmp_path, tok):
     chat = tok.chat_tokens
     first = docs_of(shards.train, tok)[0]
     assert first[0] == tok.bos_id and first[1] == chat["user"] and first[-1] == tok.eos_id
-    assert first[:-1] == data_mod.render_chat(tok, one[0])  # the chat template, then EOS
+    assert first[:-1] == render_chat(tok, one[0])  # the chat template, then EOS
 
 
 def test_line_per_example_text_gets_a_val_split(tmp_path, tok):
@@ -100,7 +100,7 @@ def test_parquet_messages_column_and_text_column(tmp_path, tok):
                    tmp_path / "chat.parquet")
     shards = run(tmp_path / "a", tmp_path / "chat.parquet", tok)
     assert sum(shards.meta["documents"].values()) == 30
-    assert data_mod.parse_chat(tok, docs_of(shards.train, tok)[0]) == CHAT
+    assert parse_chat(tok, docs_of(shards.train, tok)[0]) == CHAT
 
     pq.write_table(pa.table({"body": [f"story {k}" for k in range(30)]}), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"t.parquet has no 'text' column .*\['body'\].*"

@@ -52,9 +52,9 @@ def test_candidates_and_overrides():
 
 def test_measured_step_memory_counts_state_and_grows_with_batch(tmp_path):
     model, train = base_cfgs(tmp_path)
-    from minlm.runs import estimate_params
+    from minlm.model import LM
 
-    n = estimate_params(model)
+    n = LM.count_params(model)
     sizes = [measure_step_memory(model, train.replace(batch_size=b)) for b in (4, 8, 16)]
     assert sizes[0] > 4 * 4 * n  # weights, grads and two AdamW moments in fp32, plus activations
     step1, step2 = sizes[1] - sizes[0], sizes[2] - sizes[1]
@@ -137,6 +137,17 @@ def test_search_command_runs_a_grid_skips_oversized_and_saves_the_table(tmp_path
     small = table[table["dim"] == 32]
     assert (small["status"] == "trained").all() and list(table["status"][:2]) == ["trained"] * 2
     assert "best: trial" in out
+    # run folders are recorded relative to the search folder, and read back as paths to them
+    from minlm.runs import load_run
+    from minlm.search import read_results
+
+    assert not any(os.path.isabs(str(v)) or str(tmp_path) in str(v) for v in table.values.ravel())
+    assert set(table["run_dir"].dropna()) == set(table["trial"][table["status"] == "trained"])
+    back = read_results(tmp_path / "grid")
+    trained = back[back["status"] == "trained"]
+    for run_dir in trained["run_dir"]:
+        assert load_run(run_dir).model_config.dim == 32
+    assert (back[back["status"] != "trained"]["run_dir"] == "").all()
 
 
 def test_rungs_end_at_max_iters_once_even_off_the_evaluation_grid():

@@ -526,7 +526,7 @@ def test_published_shapes():
 @pytest.fixture(scope="module")
 def tinystories(shared_data, tmp_path_factory):
     """The first 200 TinyStories documents in the shipped 512-token tokenizer, as shards."""
-    from minlm.data import prepare
+    from minlm.prepare import prepare
     from minlm.tokenizer import load_tokenizer, shipped_tokenizer_path
 
     tok = load_tokenizer(str(shipped_tokenizer_path(512)))

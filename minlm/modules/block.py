@@ -241,15 +241,3 @@ class LayoutBlock(LoggingModule):
                     h = _one(step, h)
             stream = h
         return stream
-
-
-def Block(cfg, layer_idx: int = 0) -> nn.Module:
-    """Block ``layer_idx`` of a model: a ``PreNormBlock`` for the default layout, else a
-    ``LayoutBlock``."""
-    from minlm.modules import make_step
-
-    layout = layer_layouts(cfg)[layer_idx]
-    if layout in _DEFAULT_LAYOUTS:
-        return PreNormBlock(make_step("norm", cfg, layer_idx), make_step("mixer", cfg, layer_idx),
-                            make_step("norm", cfg, layer_idx), make_step("mlp", cfg, layer_idx))
-    return LayoutBlock(layout, lambda kind, i: make_step(kind, cfg, i), layer_idx)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minlm.modules.build import make_ffn
 from minlm.modules.registry import register_channel_mixer
 from minlm.tracing import LoggingModule, Probe
 
@@ -46,8 +47,7 @@ def _validate(cfg) -> None:
 class MoE(LoggingModule):
     def __init__(self, cfg, make_expert=None):
         super().__init__()
-        if make_expert is None:  # built from the registry: experts are the dense channel mixer
-            from minlm.modules import make_ffn as make_expert
+        make_expert = make_expert or make_ffn  # from the registry: the dense channel mixer
         C, E = cfg.dim, cfg.n_experts
         self.n_experts, self.top_k = E, cfg.experts_top_k
         self.router = nn.Linear(C, E, bias=False)

@@ -105,18 +105,16 @@ def _check_new(name: str, table: dict, cls) -> None:
         raise ValueError(f"mixer name {name!r} must be a lower-case identifier")
 
 
-def _load_builtins() -> None:
-    import minlm.modules  # noqa: F401 - importing the package registers the built-in mixers
-
+# No loader is needed for the built-ins: importing this module (``minlm.modules.registry``)
+# runs the package's ``__init__`` first, and that imports every built-in file, so the tables
+# are full before anyone can ask them.
 
 def mixers() -> dict[str, MixerSpec]:
     """Every registered token mixer by name (the built-ins plus loaded experiments)."""
-    _load_builtins()
     return dict(_MIXERS)
 
 
 def channel_mixers() -> dict[str, ChannelMixerSpec]:
-    _load_builtins()
     return dict(_CHANNEL_MIXERS)
 
 
