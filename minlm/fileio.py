@@ -93,3 +93,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting for any holder.
+    The kernel drops the lock when its holder dies, however it dies, so none goes stale."""
+    import fcntl  # POSIX only, like the run lock (runfolder.py); imported here so Windows can
+    # still import fileio for everything else
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from minlm.fileio import atomic_path, atomic_write_text
+from minlm.fileio import atomic_path, atomic_write_text, waiting_lock
 from minlm.chatdata import MODES, ChatDataError, chat_example
 from minlm.data import (
     DEFAULT_VAL_FRACTION,
@@ -242,13 +242,34 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = _cache_key_name(data)
     folder = Path(out_dir) if out_dir else _cache_root(cache_dir) / f"{name}-{digest}"
-    if (folder / "meta.json").exists() and json.loads(
-            (folder / "meta.json").read_text()).get("key") == key:
+    if _is_done(folder, key):
         if verbose:
             tqdm.write(f"using cached shards {folder}")
         return Shards.load(folder)
-
     folder.mkdir(parents=True, exist_ok=True)
+    # two trainings started on one corpus: one writes the folder, the other waits and reuses it
+    # (without the lock the second deleted the first one's temp files as a killed run's)
+    with waiting_lock(folder / ".lock"):
+        if _is_done(folder, key):
+            if verbose:
+                tqdm.write(f"using shards {folder}, prepared meanwhile by another process")
+            return Shards.load(folder)
+        _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype, name,
+                      verbose, max_docs=max_docs, max_tokens=max_tokens,
+                      shard_tokens=shard_tokens, text_column=text_column, split_by=split_by,
+                      loss_mask=loss_mask, workers=num_workers)
+    return Shards.load(folder)
+
+
+def _is_done(folder: Path, key: dict) -> bool:
+    meta = folder / "meta.json"
+    return meta.exists() and json.loads(meta.read_text()).get("key") == key
+
+
+def _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype, name,
+                  verbose, *, max_docs, max_tokens, shard_tokens, text_column, split_by,
+                  loss_mask, workers) -> None:
+    """Tokenize the sources into ``folder``; ``meta.json`` is written last and marks it done."""
     (folder / "meta.json").unlink(missing_ok=True)  # the folder is untrusted until done
     for tmp in folder.glob(".*.tmp"):  # temp files of a prepare that was killed
         tmp.unlink()
@@ -257,7 +278,7 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
     totals, files = _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,
                                   max_docs=max_docs, max_tokens=max_tokens,
                                   shard_tokens=shard_tokens, text_column=text_column,
-                                  split_by=split_by, loss_mask=loss_mask, workers=num_workers)
+                                  split_by=split_by, loss_mask=loss_mask, workers=workers)
     seconds = time.perf_counter() - started
     meta = {"key": key, "source": data, "tokenizer_hash": tokenizer.hash,
             "tokenizer_path": str(getattr(tokenizer, "path", "") or ""),
@@ -276,7 +297,6 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
         tqdm.write(f"shards in {folder}: " + ", ".join(
             f"{s} {t['tokens']:,} tokens / {t['documents']:,} docs in {len(files[s])} file(s)"
             for s, t in totals.items()) + f"; {mb:,.1f} MB of text in {seconds:.1f} s")
-    return Shards.load(folder)
 
 
 def _load_prepared(folder: Path, tokenizer, verbose: bool):

@@ -338,6 +338,44 @@ def test_cli_prepare_then_interrupted_prepare_is_not_trusted(shared_data, tmp_pa
                  "--max-tokens", "20K", "--workers", "1")
     assert again.returncode == 0, again.stderr
     assert Shards.load(out).meta["files"]["train"] == [["train.bin", len(Shards.load(out).train)]]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["meta.json",
+                                                                          "train.bin", "val.bin"]
     missing = _cli(str(tmp_path / "nope.txt"), "--tokenizer", "tinystories-512")
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
+
+
+def _waits_for_lock(pid: int) -> bool:
+    """True when process ``pid`` is blocked waiting for a flock (a ``->`` line of /proc/locks)."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines() if "->" in line)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+def test_a_second_prepare_of_one_folder_waits_for_the_first(shared_data, tmp_path):
+    """Two trainings started on one corpus prepare the same cache folder. The second used to
+    delete the first one's temp files (taking them for a killed prepare's) and write beside
+    it; now it waits for the first one's lock, then uses or writes the folder."""
+    import fcntl
+    import time
+
+    out = tmp_path / "shk"
+    out.mkdir()
+    busy = out / ".train.bin.first.tmp"  # a shard the first prepare is writing
+    busy.write_bytes(b"half a shard")
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first prepare, at work
+        second = subprocess.Popen(
+            [sys.executable, "-m", "minlm", "prepare", str(shared_data / "shakespeare" /
+             "input.txt"), "--tokenizer", "tinystories-512", "--out", str(out),
+             "--max-tokens", "20K", "--workers", "1"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 90
+        while not _waits_for_lock(second.pid) and second.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert second.poll() is None and _waits_for_lock(second.pid), second.communicate()
+        assert busy.exists()  # the first one's file is left alone while it holds the lock
+        fcntl.flock(lock, fcntl.LOCK_UN)  # the first one gave up (died) without finishing
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+    assert not busy.exists() and Shards.load(out).meta["tokens"]["train"] > 0
+
