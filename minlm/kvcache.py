@@ -58,10 +58,10 @@ class LayerCache:
         if self.k is None:  # values may have their own head count and size (differential attn)
             self.k = k.new_zeros(B, K, c.max_len, D)  # (B, K, L, D)
             self.v = v.new_zeros(B, v.shape[1], c.max_len, v.shape[-1])
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.k.narrow(2, start, T).copy_(k)  # narrow: one op, no indexing to parse
+        self.v.narrow(2, start, T).copy_(v)
         c._record(positions, key_valid, start, end, k.device)
-        return self.k[:, :, :end], self.v[:, :, :end], c._positions(end), c._valid(end)
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end), c._positions(end), c._valid(end)
 
 
 class KVCache:
