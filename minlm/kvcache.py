@@ -123,9 +123,10 @@ class KVCache:
                 self._pos[:, :start] = self._shared_pos[:start]
             self._row_positions = True
             self._pos[:, start:end] = positions
-        else:
-            self._shared_pos[start:end] = positions
-            self._pos[:, start:end] = positions
+        else:  # _pos is filled from _shared_pos when rows first get their own positions
+            self._shared_pos.narrow(0, start, T).copy_(positions)
+            if self._row_positions:
+                self._pos[:, start:end] = positions
         if key_valid is not None:
             if self._valid_buf is None:
                 self._valid_buf = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
@@ -135,7 +136,7 @@ class KVCache:
         self._recorded_until = end
 
     def _positions(self, end: int) -> torch.Tensor:
-        return self._pos[:, :end] if self._row_positions else self._shared_pos[:end]
+        return self._pos[:, :end] if self._row_positions else self._shared_pos.narrow(0, 0, end)
 
     def _valid(self, end: int) -> torch.Tensor | None:
         return None if self._valid_buf is None else self._valid_buf[:, :end]
