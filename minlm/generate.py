@@ -178,6 +178,7 @@ class TokenStream:
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.fill = eos[0] if eos else pad_id
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self._may_finish = self.eos is not None  # False: no row can be done, skip the checks
         self.generator = (torch.Generator(device=device).manual_seed(seed)
                           if seed is not None else None)
         self.seen = None  # (B, V) tokens in each row so far, for the repetition penalty
@@ -203,6 +204,7 @@ class TokenStream:
     def stop(self, row: int) -> None:
         """Finish ``row`` now (e.g. it produced a stop string); the others go on."""
         self.done[row] = True
+        self._may_finish = True
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._iter is None:
@@ -222,15 +224,17 @@ class TokenStream:
                 if self.keep_logits:
                     self.logits.append(logits.float().clone())
                 nxt = self._sample(logits)  # (B,)
-                nxt = torch.where(self.done, self.fill, nxt)
-                self.tokens[:, self.length] = nxt
+                if self._may_finish:
+                    nxt = torch.where(self.done, self.fill, nxt)
+                self.tokens.select(1, self.length).copy_(nxt)
                 self.length += 1
                 if self.seen is not None:
                     self.seen.scatter_(1, nxt[:, None], True)
                 if self.eos is not None:
                     self.done |= torch.isin(nxt, self.eos)
                 yield nxt.tolist()
-                if step == self.max_new_tokens - 1 or bool(self.done.all()):
+                if step == self.max_new_tokens - 1 or (self._may_finish
+                                                       and bool(self.done.all())):
                     return
                 logits = self._next_logits()
         finally:
@@ -255,7 +259,7 @@ class TokenStream:
         if first or moved:
             self.cache.reset()
             return self._context_forward(self.cache)
-        idx = self.tokens[:, self.length - 1:self.length]  # (B, 1)
+        idx = self.tokens.narrow(1, self.length - 1, 1)  # (B, 1)
         positions = None
         if self.valid is not None:
             positions = self.next_pos[:, None]  # (B, 1)

@@ -58,10 +58,10 @@ class LayerCache:
         if self.k is None:  # values may have their own head count and size (differential attn)
             self.k = k.new_zeros(B, K, c.max_len, D)  # (B, K, L, D)
             self.v = v.new_zeros(B, v.shape[1], c.max_len, v.shape[-1])
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.k.narrow(2, start, T).copy_(k)  # narrow: one op, no indexing to parse
+        self.v.narrow(2, start, T).copy_(v)
         c._record(positions, key_valid, start, end, k.device)
-        return self.k[:, :, :end], self.v[:, :, :end], c._positions(end), c._valid(end)
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end), c._positions(end), c._valid(end)
 
 
 class KVCache:
@@ -123,9 +123,10 @@ class KVCache:
                 self._pos[:, :start] = self._shared_pos[:start]
             self._row_positions = True
             self._pos[:, start:end] = positions
-        else:
-            self._shared_pos[start:end] = positions
-            self._pos[:, start:end] = positions
+        else:  # _pos is filled from _shared_pos when rows first get their own positions
+            self._shared_pos.narrow(0, start, T).copy_(positions)
+            if self._row_positions:
+                self._pos[:, start:end] = positions
         if key_valid is not None:
             if self._valid_buf is None:
                 self._valid_buf = torch.ones(B, self.max_len, dtype=torch.bool, device=device)
@@ -135,7 +136,7 @@ class KVCache:
         self._recorded_until = end
 
     def _positions(self, end: int) -> torch.Tensor:
-        return self._pos[:, :end] if self._row_positions else self._shared_pos[:end]
+        return self._pos[:, :end] if self._row_positions else self._shared_pos.narrow(0, 0, end)
 
     def _valid(self, end: int) -> torch.Tensor | None:
         return None if self._valid_buf is None else self._valid_buf[:, :end]

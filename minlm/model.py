@@ -183,7 +183,7 @@ class LM(LoggingModule):
         L = cache.length
         if positions is None:
             positions = torch.arange(L, L + 1, device=idx.device)  # (1,)
-        x = F.embedding(idx[:, 0], self.embed.weight)  # (B, C)
+        x = F.embedding(idx.select(1, 0), self.embed.weight)  # (B, C)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         if isinstance(self.pos, LearnedPositions):

@@ -150,6 +150,24 @@ def test_rmsnorm_matches_torch_values_and_gradients(dtype):
     assert torch.allclose(have[1].float(), want[1], atol=tol * 10, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_fast_paths_equal_their_forward(dtype):
+    """RMSNorm.step (a row at a time, in place) and RoPE.tables at one shared position (views,
+    no gather) give exactly what the reference forward gives."""
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24) + 0.5)
+        x = (torch.randn(3, 24) * 3).to(dtype)
+        assert torch.equal(norm.step(x), norm(x))
+    rope = RoPE(8, 16)
+    for p in (0, 5, 15, 20):  # 20: past the table, which then grows
+        one = rope.tables(torch.tensor([p]), torch.float32)
+        gathered = rope.tables(torch.tensor([p, p]), torch.float32)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(one, gathered))
+        assert one[0].shape == (1, 8)
+
+
 def test_loss_mask_drops_targets():
     torch.manual_seed(0)
     model = LM(ModelConfig(vocab_size=50, dim=16, n_heads=2, n_layers=1, block_size=8)).eval()

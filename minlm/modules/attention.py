@@ -112,7 +112,7 @@ class Attention(TokenMixer):
         B = x.shape[0]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x)  # (B, (H + 2K) D)
-        qk = qkv[:, :(H + K) * D].view(B, H + K, 1, D)  # (B, H+K, T=1, D)
+        qk = qkv.narrow(1, 0, (H + K) * D).view(B, H + K, 1, D)  # (B, H+K, T=1, D)
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         rope = self._modules["rope"]
@@ -122,9 +122,9 @@ class Attention(TokenMixer):
             if tables is None:
                 tables = cache.parent.step_memo[key] = rope.tables(positions, qk.dtype)
             qk = rotate_half_split(qk, *tables)
-        v = qkv[:, (H + K) * D:].view(B, K, 1, D)  # (B, K, 1, D)
-        k, v, k_pos, valid = cache.update(qk[:, H:], v, positions)  # (B, K, S, D)
-        y = self._attend(qk[:, :H], k, v, positions, k_pos, valid)  # (B, H, 1, D)
+        v = qkv.narrow(1, (H + K) * D, K * D).view(B, K, 1, D)  # (B, K, 1, D)
+        k, v, k_pos, valid = cache.update(qk.narrow(1, H, K), v, positions)  # (B, K, S, D)
+        y = self._attend(qk.narrow(1, 0, H), k, v, positions, k_pos, valid)  # (B, H, 1, D)
         return joint_linear(self, ("o_proj",), y.reshape(B, H * D), residual)  # (B, C)
 
     def _attend(self, q, k, v, q_pos, k_pos, key_valid):

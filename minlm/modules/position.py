@@ -51,6 +51,11 @@ class RoPE(LoggingModule):
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos and signed sin at ``positions``: (T, D), or (B, 1, T, D) for per-row positions."""
+        if positions.dim() == 1 and positions.shape[0] == 1 and dtype == self.cos.dtype \
+                and not torch.compiler.is_compiling():  # one decoding step: views, no gather
+            p = int(positions)
+            if 0 <= p < self.cos.shape[0]:
+                return self.cos[p:p + 1], self.signed_sin[p:p + 1]  # (1, D) each
         if not torch.compiler.is_compiling():  # reading positions.max() would break the graph;
             # compiled training stays within block_size, which the table always covers
             need = int(positions.max()) + 1 if positions.numel() else 0
