@@ -62,22 +62,20 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minlm import runs
-    from minlm.config import TrainConfig
+    from minlm.config import TrainConfig, check_folder_name
     from minlm.fileio import atomic_dir
     from minlm.interop import from_hf, model_config_from_hf
     from minlm.modelcard import write_model_card
 
-    folder = resolve_source(source)
     name = name or str(source).rstrip("/").split("/")[-1]
+    check_folder_name("name", name)  # base / "../x" would name the folder "x" one level up
     base = Path(runs_dir) if runs_dir is not None else runs.default_runs_dir()
     run_dir = base / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise runs.RunError(f"run {name!r} already exists in {base}; pass --overwrite to "
-                                "replace it, or choose another --name")
-        if not (run_dir / "model_config.json").exists():
-            raise runs.RunError(f"refusing to overwrite {run_dir}: it does not look like a "
-                                "run folder")
+    # first, before any download: the one check every command that writes a run makes (a
+    # plain folder name, no ../ or absolute path; a run replaced only when asked, only a run)
+    runs.check_run_target(run_dir, overwrite=overwrite, resumable=False,
+                          overwrite_flag="--overwrite")
+    folder = resolve_source(source)
     hf_cfg = AutoConfig.from_pretrained(folder)
     try:
         model_config_from_hf(hf_cfg)  # refuse an unsupported model before loading its weights
@@ -98,7 +96,7 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
         meta = {"kind": "import", "imported_from": str(source),
                 "params": model.num_params(),
                 "params_non_embedding": model.num_params(non_embedding=True),
-                "tokenizer_path": str(run_dir / tok_path.name), "tokenizer_hash": tokenizer.hash,
+                "tokenizer_path": tok_path.name, "tokenizer_hash": tokenizer.hash,
                 "versions": runs.library_versions(),
                 "status": f"imported from {source} ({hf_cfg.model_type})"}
         runs.save_configs(tmp, model.config, train_cfg, meta)

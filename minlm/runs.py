@@ -77,13 +77,15 @@ def is_run_folder(path: Path) -> bool:
 
 
 def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,
-                     overwrite: bool = False, resumable: bool = True) -> bool:
+                     overwrite: bool = False, resumable: bool = True,
+                     overwrite_flag: str = "overwrite=true") -> bool:
     """May a run write ``run_dir`` (``out_dir/run_name``)? Asked before any work is done, by
     every command that writes a run. True when the folder holds a run (to resume or replace).
 
     The name must be a plain folder name (the check ``TrainConfig.run_name`` applies);
     ``resume`` needs the run to exist (the message lists those that do); an existing folder
-    needs ``resume`` or ``overwrite``; ``overwrite`` only ever replaces a run folder."""
+    needs ``resume`` or ``overwrite``; ``overwrite`` only ever replaces a run folder.
+    ``overwrite_flag`` is how the asking command spells overwrite (``--overwrite`` for import)."""
     from minlm.config import check_folder_name
 
     run_dir = Path(run_dir)
@@ -96,7 +98,7 @@ def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,
     if exists and not (resume or overwrite):
         again = "pass resume=true to continue it, " if resumable else "pass "
         raise RunError(f"run {run_dir.name!r} already exists in {run_dir.parent}; {again}"
-                       "overwrite=true to start it again, or choose another run_name")
+                       f"{overwrite_flag} to start it again, or choose another run_name")
     if exists and overwrite and not is_run_folder(run_dir):
         raise RunError(f"refusing to overwrite {run_dir}: it does not look like a run folder "
                        "(no model_config.json and train_config.json); choose another run_name")

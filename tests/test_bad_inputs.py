@@ -107,6 +107,7 @@ def _cases(root):
         (["export", "gpt", "--format", "gguf", "--out", str(root / "gpt.gguf")],
          r"cannot export gpt: n_kv_heads=1 has no counterpart in transformers' GPT2LMHeadModel"),
         (["import", str(root / "missing")], r"missing is not a folder"),
+        (["import", str(root / "missing"), "--name", "../escape"], r"name='\.\./escape' is invalid"),
         (["import", str(root)], r"has no config\.json; it is not a Hugging Face checkpoint"),
         (["trace", "--run", "nope"], r"no run folder 'nope'"),
         (["prepare", str(root / "empty.txt"), "--tokenizer", "tinystories-512"], r"empty\.txt holds no documents"),
