@@ -15,10 +15,18 @@ import torch
 from torch import nn
 
 from minlm.config import TrainConfig
+from minlm.modules.bitlinear import LINEARS
 
 
 def _split_params(model: nn.Module) -> tuple[list, list, list]:
-    """(hidden matrices inside blocks, other matrices, vectors) among trainable parameters."""
+    """(hidden matrices inside blocks, other matrices, vectors) among trainable parameters.
+
+    Hidden matrices are the weights of the blocks' linear layers only: a 2-D parameter that is
+    not a linear map (Mamba's ``A_log``, a table of decays per channel and state) is no matrix
+    to orthogonalise, so it stays with AdamW.
+    """
+    linear_weights = {id(m.weight) for name, m in model.named_modules()
+                      if name.startswith("blocks.") and isinstance(m, tuple(LINEARS.values()))}
     hidden, other, vectors = [], [], []
     seen = set()
     for name, p in model.named_parameters():
@@ -27,7 +35,7 @@ def _split_params(model: nn.Module) -> tuple[list, list, list]:
         seen.add(id(p))
         if p.dim() < 2:
             vectors.append(p)
-        elif name.startswith("blocks.") and p.dim() == 2:
+        elif id(p) in linear_weights and p.dim() == 2:
             hidden.append(p)
         else:
             other.append(p)

@@ -47,3 +47,16 @@ def test_cpu_muon_avoids_emulated_bf16(monkeypatch, fast_bf16):
         assert type(muon) is torch.optim.Muon
     else:
         assert type(muon) is Muon and muon.ns_dtype == torch.float32
+
+
+def test_muon_takes_only_linear_weights_of_blocks():
+    """Mamba's 2-D ``A_log`` (decays per channel and state) is no linear map: AdamW keeps it."""
+    from minlm.optim import _split_params
+
+    model = LM.from_preset("mamba-1m", n_layers=1)
+    hidden, other, vectors = _split_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    hidden_names = {names[id(p)] for p in hidden}
+    assert not any(n.endswith("A_log") for n in hidden_names)
+    assert any(names[id(p)].endswith("A_log") for p in other)
+    assert hidden_names and all(n.endswith(".weight") for n in hidden_names)
