@@ -30,7 +30,7 @@ Norm = Literal["rmsnorm", "layernorm", "cosinenorm"]
 Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "kan"]
 Init = Literal["normal", "xavier", "tfixup"]
 Linear = Literal["linear", "bitlinear"]
-Schedule = Literal["cosine", "linear", "constant"]
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
 Optimizer = Literal["adamw", "muon"]
 Precision = Literal["fp32", "bf16", "auto"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -435,6 +435,8 @@ class TrainConfig(_Serialisable):
     min_lr_ratio: float = 0.1
     warmup_iters: int = 100
     schedule: Schedule = "cosine"
+    # schedule="wsd" (warm-up, stable, decay): the last decay_frac of the run decays linearly
+    decay_frac: float = 0.2
     optimizer: Optimizer = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -478,6 +480,8 @@ class TrainConfig(_Serialisable):
                               "weights and resume=true continues this one; pick one")
         self._require(("lr",), lambda v: v > 0, "must be > 0")
         self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        self._require(("decay_frac",), lambda v: 0 < v <= 1,
+                      "must be in (0, 1]: the share of the run (after warm-up) spent decaying")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

@@ -159,6 +159,9 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     """Learning rate for 0-based ``step``: linear warmup, then decay to ``lr * min_lr_ratio``.
 
     ``progress`` (0..1) overrides ``step / max_iters`` for the decay, e.g. for time budgets.
+    ``wsd`` (warm-up, stable, decay) holds ``lr`` until the last ``decay_frac`` of progress,
+    then decays linearly: a run can be stopped (or branched off) at any point of the flat
+    part, and the short linear cooldown is what modded-nanogpt uses.
     """
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -169,6 +172,8 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
         progress = (step - cfg.warmup_iters) / span
     progress = min(max(progress, 0.0), 1.0)
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "linear":
+    if cfg.schedule == "wsd":  # flat, then linear over the last decay_frac
+        progress = max(0.0, progress - (1 - cfg.decay_frac)) / cfg.decay_frac
+    if cfg.schedule in ("linear", "wsd"):
         return min_lr + (cfg.lr - min_lr) * (1 - progress)
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
