@@ -278,6 +278,9 @@ class ModelConfig(_Serialisable):
     init: Init = "normal"
     init_std: float = 0.0  # 0 means min(0.02, 0.3 / sqrt(dim)), so init loss stays near ln(vocab)
     dropout: float = 0.0
+    # zero every projection that writes to the residual stream (mixer and MLP outputs) and,
+    # untied, the head: each block starts as the identity and the initial loss is ln(vocab)
+    zero_init_proj: bool = False
 
     def __post_init__(self) -> None:
         self.tied_blocks = {str(k): int(v) for k, v in dict(self.tied_blocks).items()}

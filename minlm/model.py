@@ -71,7 +71,8 @@ class LM(LoggingModule):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 style ``normal`` (residual outputs scaled by 1/sqrt(2L)), ``xavier`` or ``tfixup``."""
+        """GPT-2 style ``normal`` (residual outputs scaled by 1/sqrt(2L)), ``xavier`` or ``tfixup``;
+        then, with ``zero_init_proj``, the residual outputs and an untied head at zero."""
         cfg, std = self.config, self.config.std
         n_layers = cfg.n_layers
         for name, p in self.named_parameters():
@@ -96,6 +97,12 @@ class LM(LoggingModule):
         for m in self.modules():  # parameters with their own rules (Mamba's A, Griffin's gates)
             if hasattr(m, "reset_special_parameters"):
                 m.reset_special_parameters()
+        if cfg.zero_init_proj:  # modded-nanogpt: blocks start as the identity, the head silent
+            for name, p in self.named_parameters():
+                if name.endswith(RESIDUAL_OUTPUTS):
+                    nn.init.zeros_(p)
+            if not cfg.tie_embeddings:
+                nn.init.zeros_(self.head.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters (shared ones counted once); optionally without the embeddings."""
