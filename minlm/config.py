@@ -245,6 +245,9 @@ class ModelConfig(_Serialisable):
     qk_norm: bool = False
     attn_softcap: float = 0.0  # tanh soft-capping of attention scores; 0 disables
     attn_bias: bool = False  # biases of the mixer's projections (attention or MLGRU)
+    # value embeddings (modded-nanogpt): this many extra token tables; table k is mixed into
+    # the attention values of layer k and of the k-th of the last value_embeds layers
+    value_embeds: int = 0
     # every linear layer inside the blocks: "bitlinear" = ternary weights, 8-bit activations
     # (BitNet b1.58); embeddings, head and MoE router stay full precision
     linear: Linear = "linear"
@@ -271,6 +274,9 @@ class ModelConfig(_Serialisable):
     # multiplies the token embeddings as they enter the residual stream (the first residual);
     # Gemma and Grok use sqrt(dim); the tied head is not scaled
     embed_scale: float = 1.0
+    # U-net skips: block i's output is added, with a learned weight, to the input of block
+    # n_layers - 1 - i, for the first n_layers // 2 blocks
+    unet_skips: bool = False
     # output
     tie_embeddings: bool = True
     logit_softcap: float = 0.0  # tanh soft-capping of the output logits; 0 disables

@@ -67,13 +67,14 @@ _LLAMA_NEEDS = dict(mixer="attention", mlp="", mixer_options={}, linear="linear"
                     norm="rmsnorm", norm_affine=True, activation="swiglu",
                     block_spec="norm>attn>+ norm>mlp>+", window=0, qk_norm=False,
                     attn_softcap=0.0, logit_softcap=0.0, attn_bias=False, mlp_bias=False,
-                    embed_scale=1.0, tied_blocks={})
+                    embed_scale=1.0, tied_blocks={}, value_embeds=0, unet_skips=False)
 _GPT2_NEEDS = dict(mixer="attention", mlp="", mixer_options={}, linear="linear", n_experts=0,
                    position="learned",
                    norm="layernorm", norm_affine=True, norm_bias=True, activation="gelu",
                    block_spec="norm>attn>+ norm>mlp>+", window=0, qk_norm=False,
                    attn_softcap=0.0, logit_softcap=0.0, attn_bias=True, mlp_bias=True,
-                   embed_scale=1.0, tied_blocks={}, n_kv_heads=0, head_dim=0,
+                   embed_scale=1.0, tied_blocks={}, value_embeds=0, unet_skips=False,
+                   n_kv_heads=0, head_dim=0,
                    tie_embeddings=True)
 FAMILIES = {"llama": ("LlamaForCausalLM", _LLAMA_NEEDS, LLAMA_NAMES),
             "gpt2": ("GPT2LMHeadModel", _GPT2_NEEDS, GPT2_NAMES)}

@@ -20,13 +20,25 @@ def estimate_training_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: 
 
     The activation term counts, per layer and token, the tensors a pre-norm block saves
     (about 16 x dim plus the MLP hidden width x 3 and the attention probabilities when they are
-    materialised), then the logits. An estimate to within a factor of ~2, not a measurement.
+    materialised), then the logits, then what value embeddings and U-net skips keep. An
+    estimate to within a factor of ~2, not a measurement.
     """
     params = LM.count_params(cfg)
     tokens = batch_size * cfg.block_size
     per_token_layer = 16 * cfg.dim + 3 * cfg.ffn_dim + cfg.n_heads * min(cfg.block_size, 1024) // 8
-    activations = tokens * (cfg.n_layers * per_token_layer + 2 * cfg.vocab_size)
+    activations = tokens * (cfg.n_layers * per_token_layer + 2 * cfg.vocab_size
+                            + _tricks_per_token(cfg))
     return bytes_per_value * (4 * params + activations)
+
+
+def _tricks_per_token(cfg: ModelConfig) -> int:
+    """Values per token the speedrun tricks add: a value-embedding layer keeps its lookup and
+    the values before mixing (K x D each), a U-net skip the skipped stream (dim)."""
+    from minlm.modules.value_embed import value_table
+
+    value_layers = sum(value_table(cfg, i) is not None for i in range(cfg.n_layers))
+    skips = cfg.n_layers // 2 if cfg.unet_skips else 0
+    return value_layers * 2 * cfg.kv_heads * cfg.head_size + skips * cfg.dim
 
 
 def checkpoint_bytes(model: LM) -> int:

@@ -17,6 +17,8 @@ from minlm.config import ModelConfig
 from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.modules.fastpath import joint_linear
+from minlm.modules.skips import unet_skips
+from minlm.modules.value_embed import ValueEmbeddings
 from minlm.tracing import Identity, LoggingModule
 
 # projections that write to the residual stream (mixer outputs, MLP or KAN down)
@@ -45,6 +47,11 @@ def remap_legacy_keys(state_dict: dict, prefix: str = "") -> None:
             state_dict[prefix + new] = state_dict.pop(key)
 
 
+def _value_kwargs(values: list | None, i: int) -> dict:
+    """Block i's mixer arguments for value embeddings: its table's lookup, if it has one."""
+    return {} if values is None or values[i] is None else {"value_embed": values[i]}
+
+
 class LM(LoggingModule):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -57,6 +64,9 @@ class LM(LoggingModule):
             source = cfg.tied_blocks.get(str(i))
             blocks.append(blocks[source] if source is not None else Block(cfg, i))
         self.blocks = nn.ModuleList(blocks)
+        # tricks of modded-nanogpt: value-embedding tables, U-net skips (absent when off)
+        self.value_embeds = ValueEmbeddings(cfg) if cfg.value_embeds else None
+        self.unet_skips = unet_skips(cfg.n_layers, cfg.unet_skips)
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -104,23 +114,28 @@ class LM(LoggingModule):
             if not cfg.tie_embeddings:
                 nn.init.zeros_(self.head.weight)
 
+    def _lookup_params(self) -> int:
+        """Parameters of the lookup tables besides the token embedding: learned positions and
+        value embeddings."""
+        n = self.pos.weight.numel() if isinstance(self.pos, LearnedPositions) else 0
+        if self.value_embeds is not None:
+            n += sum(p.numel() for p in self.value_embeds.parameters())
+        return n
+
     def num_params(self, non_embedding: bool = False) -> int:
-        """Distinct parameters (shared ones counted once); optionally without the embeddings."""
+        """Distinct parameters (shared ones counted once); optionally without the embeddings
+        (token, position and value-embedding tables)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.embed.weight.numel()
-            if isinstance(self.pos, LearnedPositions):
-                n -= self.pos.weight.numel()
+            n -= self.embed.weight.numel() + self._lookup_params()
         return n
 
     def matmul_params(self) -> int:
         """Parameters that multiply activations, what training FLOPs count: all but the lookup
         tables (a token table tied to the head counts once, as the head's matmul)."""
-        n = self.num_params()
+        n = self.num_params() - self._lookup_params()
         if self.head.weight is not self.embed.weight:
             n -= self.embed.weight.numel()
-        if isinstance(self.pos, LearnedPositions):
-            n -= self.pos.weight.numel()
         return n
 
     @classmethod
@@ -159,9 +174,14 @@ class LM(LoggingModule):
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         x = self.drop(self.pos(x, positions))
+        values = self.value_embeds(idx) if self.value_embeds is not None else None
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layer(i) if cache is not None else None
-            x = block(x, positions=positions, cache=layer_cache, key_valid=key_valid)
+            x = self._skip_in(i, x, skips)
+            x = block(x, positions=positions, cache=layer_cache, key_valid=key_valid,
+                      **_value_kwargs(values, i))
+            self._skip_out(i, x, skips)
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)  # (B, T, C)
@@ -195,14 +215,28 @@ class LM(LoggingModule):
             x = x * self.config.embed_scale
         if isinstance(self.pos, LearnedPositions):
             x = self.pos(x.unsqueeze(1), positions.reshape(-1, 1)).squeeze(1)  # (B, C)
+        values = self.value_embeds(idx.select(1, 0)) if self.value_embeds is not None else None
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x = block.step(x, positions, cache.layer(i))
+            x = self._skip_in(i, x, skips)
+            x = block.step(x, positions, cache.layer(i), **_value_kwargs(values, i))
+            self._skip_out(i, x, skips)
         cache.advance(1)
         logits = joint_linear(self, ("head",), self.norm.step(x))  # (B, V)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    def _skip_in(self, i: int, x: torch.Tensor, skips: list) -> torch.Tensor:
+        """U-net skips: block i of the second half takes its mirror's output (last in, first
+        out) added with a learned weight."""
+        j = i - (len(self.blocks) - len(self.unet_skips))
+        return self.unet_skips[j](x, skips.pop()) if j >= 0 else x
+
+    def _skip_out(self, i: int, x: torch.Tensor, skips: list) -> None:
+        if i < len(self.unet_skips):
+            skips.append(x)
 
     def _with_aux(self, loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """The training loss adds the weighted load-balancing loss (MoE, training mode only)."""

@@ -56,7 +56,11 @@ MIXER_CASES = [(n, {}) for n in MIXERS] + [(n, {k: v}) for n, s in MIXERS.items(
                                           for k, v in s.examples.items()]
 CHANNEL_CASES = [(n, {}) for n in CHANNELS] + [(n, {k: v}) for n, s in CHANNELS.items()
                                                for k, v in s.examples.items()]
-CASES = ([("mixer", n, o) for n, o in MIXER_CASES]
+# model-level options that change the forward path around the mixers (U-net skips with
+# every mixer; value embeddings with a layer between the two that share a table)
+MODEL_CASES = [(n, {"unet_skips": True}) for n in MIXERS] + [
+    ("attention", {"n_layers": 3, "value_embeds": 1, "unet_skips": True})]
+CASES = ([("mixer", n, o) for n, o in MIXER_CASES + MODEL_CASES]
          + [("channel", n, o) for n, o in CHANNEL_CASES])
 IDS = [f"{kind}:{n}" + "".join(f"-{k}={v}" for k, v in o.items()) for kind, n, o in CASES]
 

@@ -3,6 +3,7 @@ values, init statistics, shapes, parameter counts, FLOPs, memory, batch sizes pe
 
 from __future__ import annotations
 
+import json
 import math
 import types
 
@@ -12,8 +13,11 @@ import torch
 from minlm import LM, ModelConfig, TrainConfig
 from minlm.config import ConfigError
 from minlm.engine import Engine
+from minlm.flops import flops_per_token
+from minlm.memory import estimate_training_bytes
 from minlm.model import RESIDUAL_OUTPUTS
 from minlm.modules import registry
+from minlm.modules.value_embed import value_table
 from minlm.optim import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +126,133 @@ def test_zero_init_proj_keeps_a_tied_head_and_training_moves_the_zeros():
     for n, p in model.named_parameters():
         if n.endswith(RESIDUAL_OUTPUTS) or n == "head.weight":
             assert torch.count_nonzero(p) > 0, n
+
+
+# --- value embeddings and U-net skips --------------------------------------------------------
+
+def test_value_embedding_tables_serve_the_first_and_last_layers():
+    cfg = tiny(n_layers=5, value_embeds=2)
+    assert [value_table(cfg, i) for i in range(5)] == [0, 1, None, 0, 1]
+    torch.manual_seed(0)
+    model = LM(cfg)
+    K_D = cfg.kv_heads * cfg.head_size
+    assert [t.weight.shape for t in model.value_embeds.tables] == [(64, K_D)] * 2
+    mixes = [b.mixer.value_mix for b in model.blocks]
+    assert [m is not None for m in mixes] == [True, True, False, True, True]
+    assert all(torch.equal(m.weight, torch.full((2,), 0.5)) for m in mixes if m is not None)
+    base = LM(tiny(n_layers=5))
+    assert model.num_params() == base.num_params() + 2 * 64 * K_D + 4 * 2  # tables + mixes
+    assert model.num_params(non_embedding=True) == base.num_params(non_embedding=True) + 4 * 2
+
+
+def test_value_embeddings_enter_the_values_with_the_learned_mix():
+    """v = a v + b table[token]. With (a, b) = (1, 0) the model is the plain one; with
+    (1, 1) and every table row the vector c, attention (whose weights sum to one) adds
+    o_proj(c) to layer 0's output, each query head reading its key/value head's part."""
+    torch.manual_seed(0)
+    model = LM(tiny(n_layers=3, value_embeds=1)).eval()
+    plain = LM(tiny(n_layers=3)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert model.blocks[1].mixer.value_mix is None
+    idx = torch.randint(0, 64, (2, 6))
+    outs = {}
+    for name, m in (("ve", model), ("plain", plain)):
+        m.blocks[0].mixer.register_forward_hook(
+            lambda mod, a, out, name=name: outs.__setitem__(name, out))
+    with torch.no_grad():
+        for i in (0, 2):
+            model.blocks[i].mixer.value_mix.weight.copy_(torch.tensor([1.0, 0.0]))
+        assert torch.allclose(model(idx)[0], plain(idx)[0], atol=1e-6)
+        c = torch.randn(2 * 8)  # K=2 heads of D=8
+        model.value_embeds.tables[0].weight.copy_(c.expand(64, -1))
+        model.blocks[0].mixer.value_mix.weight.copy_(torch.tensor([1.0, 1.0]))
+        model(idx), plain(idx)
+        per_query_head = c.view(2, 8).repeat_interleave(2, dim=0).flatten()  # (H*D,)
+        shift = model.blocks[0].mixer.o_proj(per_query_head)
+    assert torch.allclose(outs["ve"] - outs["plain"], shift.expand(2, 6, -1), atol=1e-5)
+
+
+def test_unet_skips_add_mirrored_outputs_with_learned_weights():
+    torch.manual_seed(0)
+    model = LM(tiny(n_layers=4, unet_skips=True)).eval()
+    assert [tuple(s.weight.shape) for s in model.unet_skips] == [(1,), (1,)]
+    assert all(s.weight.item() == 1.0 for s in model.unet_skips)  # init: plain adds
+    with torch.no_grad():
+        model.unet_skips[0].weight.fill_(0.3)
+        model.unet_skips[1].weight.fill_(-0.7)
+    ins, outs = {}, {}
+
+    def record(i):
+        def hook(module, args, out):
+            ins[i], outs[i] = args[0], out
+        return hook
+
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(record(i))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 6)))
+    assert torch.allclose(ins[2], outs[1] + 0.3 * outs[1])  # block 1 -> block 2
+    assert torch.allclose(ins[3], outs[2] - 0.7 * outs[0])  # block 0 -> block 3
+    assert torch.equal(ins[1], outs[0])  # the first half runs as before
+    assert len(LM(tiny(n_layers=5, unet_skips=True)).unet_skips) == 2  # middle block: none
+    assert len(LM(tiny(n_layers=4)).unet_skips) == 0
+
+
+def test_tricks_count_in_params_flops_memory_and_the_trace():
+    base, cfg = tiny(n_layers=4), tiny(n_layers=4, value_embeds=2, unet_skips=True)
+    scalars = 4 * 2 + 2  # value mixes in 4 layers, 2 skip weights
+    K_D = cfg.kv_heads * cfg.head_size
+    assert LM.count_params(cfg) == LM.count_params(base) + 2 * 64 * K_D + scalars
+    # the tables are lookups: FLOPs grow only by the scalars, as every parameter counts
+    assert flops_per_token(cfg) - flops_per_token(base) == 6 * scalars
+    tokens = 8 * cfg.block_size
+    kept = 4 * 2 * K_D + 2 * cfg.dim  # per token: lookups and values; skipped streams
+    assert (estimate_training_bytes(cfg, 8) - estimate_training_bytes(base, 8)
+            == 4 * (4 * (2 * 64 * K_D + scalars) + tokens * kept))
+    t = LM(cfg).trace(torch.randint(0, 64, (1, 8)))
+    rows = {r.path: r for r in t.rows}
+    assert rows["value_embeds.tables.1"].out_shapes[0] == (1, 8, K_D)
+    assert rows["blocks.3.mixer.value_mix"].out_shapes[0] == (1, 2, 8, cfg.head_size)
+    assert rows["unet_skips.1"].out_shapes[0] == (1, 8, 32)
+
+
+@pytest.mark.parametrize("trick", [dict(value_embeds=1), dict(unet_skips=True)])
+def test_export_refuses_the_forward_path_tricks(trick):
+    from minlm.interop import family_of
+
+    assert family_of(tiny()) == "llama"
+    with pytest.raises(ValueError, match=f"{next(iter(trick))}=.* has no counterpart"):
+        family_of(tiny(**trick))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(n_layers=2, value_embeds=2), r"value_embeds=2 is invalid: .* needs n_layers >= 4"),
+    (dict(mixer="mlgru", position="none", value_embeds=1),
+     r"value_embeds=1 .*only mixer 'attention' reads it"),
+    (dict(block_spec=["norm>mlgru>+ norm>mlp>+", "norm>attn>+ norm>mlp>+"], value_embeds=1),
+     r"value_embeds=1 is invalid: layer 0 gets a value embedding.* uses mlgru"),
+    (dict(value_embeds=1, tied_blocks={"1": 0}), r"value_embeds=1 cannot be combined with tied"),
+    (dict(value_embeds=-1), r"value_embeds=-1 is invalid: must be >= 0"),
+])
+def test_value_embeddings_are_refused_where_they_cannot_work(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny(**overrides)
+
+
+def test_run_folders_without_the_new_fields_still_load_and_dry_run_shows_them(capsys):
+    old = tiny().to_dict()
+    for name in ("zero_init_proj", "value_embeds", "unet_skips"):
+        old.pop(name)
+    assert ModelConfig.from_dict(old) == tiny()
+    old_train = TrainConfig().to_dict()
+    old_train.pop("decay_frac")
+    assert TrainConfig.from_dict(old_train) == TrainConfig()
+    from minlm.cli import main
+
+    assert main(["train", "preset=llama-1m", "schedule=wsd", "decay_frac=0.3",
+                 "zero_init_proj=true", "tie_embeddings=false", "value_embeds=2",
+                 "unet_skips=true", "--dry-run"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model"]["value_embeds"] == 2 and shown["model"]["unet_skips"] is True
+    assert shown["model"]["zero_init_proj"] is True
+    assert shown["train"]["schedule"] == "wsd" and shown["train"]["decay_frac"] == 0.3

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 import minlm.tracing as tracing
 from minlm.errors import ConfigError
+from minlm.modules import value_embed
 from minlm.modules.bitlinear import make_linear
+from minlm.modules.block import layer_mixers
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.norm import RMSNorm
 from minlm.modules.position import ALiBi, RoPE, rotate_half_split
@@ -44,6 +46,7 @@ def _validate(cfg) -> None:
     if cfg.position == "rope" and cfg.head_size % 2:
         raise ConfigError(f"head_dim={cfg.head_size} is odd, but position='rope' rotates pairs "
                           "of channels; use an even head size")
+    value_embed.validate(cfg, layer_mixers)
 
 
 def _flops(cfg, T: int) -> float:
@@ -62,8 +65,8 @@ def _memory(cfg, T: int) -> float:
 
 @register_mixer(
     "attention", state="kv", positional=True, validate=_validate, flops=_flops, memory=_memory,
-    config_fields=("window", "qk_norm", "attn_softcap"),
-    examples={"window": 3, "qk_norm": True, "attn_softcap": 5.0})
+    config_fields=("window", "qk_norm", "attn_softcap", "value_embeds"),
+    examples={"window": 3, "qk_norm": True, "attn_softcap": 5.0, "value_embeds": 1})
 class Attention(TokenMixer):
     """Causal self-attention; with a cache, keys and values are appended to a ``KVCache``."""
 
@@ -85,9 +88,14 @@ class Attention(TokenMixer):
         self.q_heads, self.k_heads, self.v_heads = Probe(), Probe(), Probe()
         self.scores, self.probs, self.merge_heads = Probe(), Probe(), Probe()
         self.dropout = cfg.dropout
+        # value embeddings (value_embeds > 0): this layer's values mix in its table's lookup
+        has_table = value_embed.value_table(cfg, layer_idx) is not None
+        self.value_mix = value_embed.ValueMix() if has_table else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache=None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, key_valid: torch.Tensor | None = None,
+                value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """``value_embed`` (B, T, K*D): this layer's value-embedding lookup, if it has one."""
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if positions is None:
@@ -95,6 +103,8 @@ class Attention(TokenMixer):
         q = self.q_heads(self.q_proj(x).view(B, T, H, D).transpose(1, 2))  # (B, H, T, D)
         k = self.k_heads(self.k_proj(x).view(B, T, K, D).transpose(1, 2))  # (B, K, T, D)
         v = self.v_heads(self.v_proj(x).view(B, T, K, D).transpose(1, 2))  # (B, K, T, D)
+        if value_embed is not None:
+            v = self.value_mix(v, value_embed.view(B, T, K, D).transpose(1, 2))  # (B, K, T, D)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         k_pos = positions
@@ -105,7 +115,8 @@ class Attention(TokenMixer):
         return self.o_proj(y)
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             value_embed: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x (B, C) -> (B, C), appending to ``cache``; the same
         computation as ``forward`` with q/k/v projected by one joined product and q and k
         rotated together. ``positions``: (1,) shared or (B, 1) per row."""
@@ -123,6 +134,8 @@ class Attention(TokenMixer):
                 tables = cache.parent.step_memo[key] = rope.tables(positions, qk.dtype)
             qk = rotate_half_split(qk, *tables)
         v = qkv.narrow(1, (H + K) * D, K * D).view(B, K, 1, D)  # (B, K, 1, D)
+        if value_embed is not None:
+            v = self.value_mix(v, value_embed.view(B, K, 1, D))  # (B, K, 1, D)
         k, v, k_pos, valid = cache.update(qk.narrow(1, H, K), v, positions)  # (B, K, S, D)
         y = self._attend(qk.narrow(1, 0, H), k, v, positions, k_pos, valid)  # (B, H, 1, D)
         return joint_linear(self, ("o_proj",), y.reshape(B, H * D), residual)  # (B, C)

@@ -81,17 +81,23 @@ def layer_layouts(cfg) -> list[list[list[str]]]:
     return [parsed[i % len(parsed)] for i in range(cfg.n_layers)]
 
 
+def layer_mixers(cfg, layer_idx: int) -> list[str]:
+    """Names of the token mixers layer ``layer_idx`` uses (``mixer``/``attn``: ``cfg.mixer``)."""
+    used = []
+    for group in layer_layouts(cfg)[layer_idx]:
+        for step in group:
+            for part in step.split("|"):
+                name = cfg.mixer if part == "mixer" else part
+                if (part not in KEYWORDS or part == "mixer") and name not in used:
+                    used.append(name)
+    return used
+
+
 def layout_mixers(cfg) -> list[str]:
     """Names of the token mixers the layers use (``mixer``/``attn`` steps are ``cfg.mixer``)."""
     used = []
-    for layout in layer_layouts(cfg):
-        for group in layout:
-            for step in group:
-                for part in step.split("|"):
-                    name = cfg.mixer if part == "mixer" else part
-                    if part not in KEYWORDS or part == "mixer":
-                        if name not in used:
-                            used.append(name)
+    for i in range(cfg.n_layers):
+        used += [name for name in layer_mixers(cfg, i) if name not in used]
     return used
 
 
@@ -129,10 +135,10 @@ class Parallel(LoggingModule):
                 out = out + m(x)
         return out
 
-    def step(self, x: torch.Tensor, positions, cache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, positions, cache, **mixer_kwargs) -> torch.Tensor:
         out = 0
         for name, m in self.branches.items():
-            out = out + (m.step(x, positions, cache.slot(self.slots[name]))
+            out = out + (m.step(x, positions, cache.slot(self.slots[name]), **mixer_kwargs)
                          if _is_mixer(self.kinds[name]) else _one(m, x))
         return out
 
@@ -166,10 +172,12 @@ class PreNormBlock(LoggingModule):
         x = x + self.mixer(self.norm1(x), **mixer_kwargs)  # (B, T, C)
         return x + self.mlp(self.norm2(x))
 
-    def step(self, x: torch.Tensor, positions, cache) -> torch.Tensor:
-        """One token per row, x (B, C): the same computation through each module's ``step``."""
+    def step(self, x: torch.Tensor, positions, cache, **mixer_kwargs) -> torch.Tensor:
+        """One token per row, x (B, C): the same computation through each module's ``step``;
+        ``mixer_kwargs`` (a value embedding) go to the mixer, as in ``forward``."""
         parts = self._modules  # the same children as self.norm1 ..., without nn.Module's lookup
-        x = parts["mixer"].step(parts["norm1"].step(x), positions, cache, residual=x)  # x + ...
+        x = parts["mixer"].step(parts["norm1"].step(x), positions, cache, residual=x,
+                                **mixer_kwargs)  # x + ...
         return _one(parts["mlp"], parts["norm2"].step(x), residual=x)
 
 
@@ -226,7 +234,7 @@ class LayoutBlock(LoggingModule):
             stream = h
         return stream
 
-    def step(self, x: torch.Tensor, positions, cache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, positions, cache, **mixer_kwargs) -> torch.Tensor:
         stream = x  # (B, C): one token per row
         for group in self.plan:
             h = stream
@@ -234,9 +242,9 @@ class LayoutBlock(LoggingModule):
                 if kind == "+":
                     h = stream = stream + h
                 elif kind == "parallel":
-                    h = step.step(h, positions, cache)
+                    h = step.step(h, positions, cache, **mixer_kwargs)
                 elif _is_mixer(kind):
-                    h = step.step(h, positions, cache.slot(slot))
+                    h = step.step(h, positions, cache.slot(slot), **mixer_kwargs)
                 else:
                     h = _one(step, h)
             stream = h
