@@ -440,6 +440,10 @@ class TrainConfig(_Serialisable):
     max_minutes: float = 0.0  # wall-clock budget; 0 means no limit
     batch_size: int = 32
     grad_accum_steps: int = 1
+    # batch-size warm-up: the batch grows linearly from batch_warmup_start x batch_size to
+    # batch_size over the first batch_warmup_iters steps (0: the full batch from the start)
+    batch_warmup_iters: int = 0
+    batch_warmup_start: float = 0.25
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 100
@@ -481,7 +485,7 @@ class TrainConfig(_Serialisable):
                        "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"),
                       lambda v: v >= 1, "must be a positive integer")
         self._require(("eval_iters", "warmup_iters", "eval_batch_size", "num_workers", "max_docs",
-                       "epochs", "patience"),
+                       "epochs", "patience", "batch_warmup_iters"),
                       lambda v: v >= 0, "must be >= 0")
         logger_names(self.logger)
         if self.init_from and self.resume:
@@ -489,6 +493,8 @@ class TrainConfig(_Serialisable):
                               "weights and resume=true continues this one; pick one")
         self._require(("lr",), lambda v: v > 0, "must be > 0")
         self._require(("min_lr_ratio",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        self._require(("batch_warmup_start",), lambda v: 0 < v <= 1,
+                      "must be in (0, 1]: the first batch as a fraction of batch_size")
         self._require(("decay_frac",), lambda v: 0 < v <= 1,
                       "must be in (0, 1]: the share of the run (after warm-up) spent decaying")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")

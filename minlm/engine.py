@@ -81,6 +81,10 @@ class Objective:
     eval_at_start = False  # log a step-0 evaluation (fine-tuning: the parent's figure)
     final_is_best = False  # the run's weights are its best evaluation's (fine-tuning)
 
+    def begin_step(self, step: int) -> None:
+        """Called before the batches of 0-based optimizer step ``step`` (a batch size that
+        changes with the step, say)."""
+
     def next_batch(self) -> Any:
         """The next batch, or None when the data is used up (the run ends there)."""
         raise NotImplementedError
@@ -261,6 +265,7 @@ class Engine:
         cfg = self.cfg
         set_lr(self.optimizer, lr, cfg.lr)
         value_sum, tokens, figures = 0.0, 0, {}
+        self.objective.begin_step(self.step)
         for micro in range(cfg.grad_accum_steps):
             batch = self.objective.next_batch()
             if batch is None:

@@ -29,6 +29,7 @@ from minlm.engine import Objective, StepOut
 from minlm.evaluate import bits_per_byte, estimate_loss
 from minlm.lora import LoRALinear, lora_disabled, merge_lora
 from minlm.loss import masked_cross_entropy
+from minlm.optim import batch_size_at
 
 # --- pretraining ----------------------------------------------------------------------------
 
@@ -42,9 +43,13 @@ class Pretraining(Objective):
                  shard: tuple[int, int] = (0, 1)):
         self.model, self.shards, self.cfg, self.model_cfg = model, shards, cfg, model_cfg
         self.gen, self.device, self.shard = generator, device, shard
+        self.batch_size = cfg.batch_size  # global; smaller during a batch-size warm-up
+
+    def begin_step(self, step: int) -> None:
+        self.batch_size = batch_size_at(step, self.cfg, self.shard[1])
 
     def next_batch(self):
-        return get_batch(self.shards.train, self.cfg.batch_size, self.model_cfg.block_size,
+        return get_batch(self.shards.train, self.batch_size, self.model_cfg.block_size,
                          self.gen, self.device, self.shard)
 
     def loss(self, fwd, batch) -> StepOut:
@@ -53,7 +58,7 @@ class Pretraining(Objective):
         aux = float(self.model.aux_loss)  # MoE load balance; 0 without experts
         # log the cross-entropy alone, so runs with and without experts compare
         value = loss.item() - self.model_cfg.aux_loss_weight * aux
-        return StepOut(loss, value, self.cfg.batch_size * self.model_cfg.block_size,
+        return StepOut(loss, value, self.batch_size * self.model_cfg.block_size,
                        {"aux_loss": aux})
 
     def evaluate(self):
@@ -74,9 +79,23 @@ class Pretraining(Objective):
         self.gen.set_state(state["batch_rng"])
 
 
-def epochs_to_steps(epochs: float, train_tokens: int, tokens_per_step: int) -> int:
-    """Optimizer steps that read ``epochs`` passes over ``train_tokens`` (at least one)."""
-    return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
+def epochs_to_steps(epochs: float, train_tokens: int, tokens_per_step: int,
+                    first_steps: Sequence[int] = ()) -> int:
+    """Optimizer steps that read ``epochs`` passes over ``train_tokens`` (at least one);
+    ``first_steps``: the tokens of the first steps where they read fewer (a batch warm-up)."""
+    need = epochs * train_tokens
+    for k, tokens in enumerate(first_steps):
+        if need <= 0:
+            return max(1, k)
+        need -= tokens
+    return max(1, len(first_steps) + max(0, math.ceil(need / tokens_per_step)))
+
+
+def pretraining_step_tokens(cfg, block_size: int, world: int = 1) -> list[int]:
+    """Tokens of each batch-warm-up step (global, all micro-batches), the steps before the
+    full ``batch_size`` ones."""
+    return [batch_size_at(s, cfg, world) * block_size * cfg.grad_accum_steps
+            for s in range(cfg.batch_warmup_iters)]
 
 
 # --- batches of examples (SFT, DPO) ---------------------------------------------------------

@@ -177,3 +177,16 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     if cfg.schedule in ("linear", "wsd"):
         return min_lr + (cfg.lr - min_lr) * (1 - progress)
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_size_at(step: int, cfg: TrainConfig, multiple: int = 1) -> int:
+    """Global batch size of 0-based ``step``: with ``batch_warmup_iters``, linear from
+    ``batch_warmup_start * batch_size`` to ``batch_size`` (small batches make the first,
+    noisiest steps cheap), rounded down to a multiple of ``multiple`` (the processes, each of
+    which takes an equal share) and never below it."""
+    B = cfg.batch_size
+    if step >= cfg.batch_warmup_iters:
+        return B
+    start = cfg.batch_warmup_start * B
+    size = start + (B - start) * step / cfg.batch_warmup_iters
+    return max(multiple, int(size) // multiple * multiple)

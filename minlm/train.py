@@ -27,7 +27,7 @@ from minlm.distributed import resolve_device  # noqa: F401 - kept importable fro
 from minlm.engine import Engine, StopFlag
 from minlm.flops import cpu_bf16_is_faster
 from minlm.model import LM
-from minlm.objectives import Pretraining, epochs_to_steps
+from minlm.objectives import Pretraining, epochs_to_steps, pretraining_step_tokens
 from minlm.optim import lr_at, make_optimizer
 from minlm.runfolder import RunFolder
 from minlm.tokenizer import load_tokenizer, shipped_tokenizer_path
@@ -35,7 +35,8 @@ from minlm.tokenizer import load_tokenizer, shipped_tokenizer_path
 __all__ = ["train", "TrainResult", "StopFlag", "lr_at", "make_optimizer", "tiny_run"]
 
 # fields that must not change when a run is resumed: they decide the data stream and batches
-RESUME_FIXED = ("data", "batch_size", "grad_accum_steps", "seed", "max_docs", "val_fraction")
+RESUME_FIXED = ("data", "batch_size", "grad_accum_steps", "seed", "max_docs", "val_fraction",
+                "batch_warmup_iters", "batch_warmup_start")
 
 
 @dataclass
@@ -166,7 +167,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     try:
         if cfg.epochs:
             step_tokens = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
-            cfg = cfg.replace(max_iters=epochs_to_steps(cfg.epochs, len(shards.train), step_tokens))
+            warmup = pretraining_step_tokens(cfg, model_cfg.block_size, dist.world)
+            cfg = cfg.replace(max_iters=epochs_to_steps(cfg.epochs, len(shards.train), step_tokens,
+                                                        warmup))
         if folder is None:  # other ranks follow rank 0's folder
             folder = RunFolder.follower(cfg.out_dir, cfg.run_name, exists and cfg.resume)
         torch.manual_seed(cfg.seed)

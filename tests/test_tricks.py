@@ -7,6 +7,7 @@ import json
 import math
 import types
 
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ from minlm.memory import estimate_training_bytes
 from minlm.model import RESIDUAL_OUTPUTS
 from minlm.modules import registry
 from minlm.modules.value_embed import value_table
-from minlm.optim import lr_at
+from minlm.objectives import epochs_to_steps
+from minlm.optim import batch_size_at, lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -245,14 +247,72 @@ def test_run_folders_without_the_new_fields_still_load_and_dry_run_shows_them(ca
         old.pop(name)
     assert ModelConfig.from_dict(old) == tiny()
     old_train = TrainConfig().to_dict()
-    old_train.pop("decay_frac")
+    for name in ("decay_frac", "batch_warmup_iters", "batch_warmup_start"):
+        old_train.pop(name)
     assert TrainConfig.from_dict(old_train) == TrainConfig()
     from minlm.cli import main
 
     assert main(["train", "preset=llama-1m", "schedule=wsd", "decay_frac=0.3",
                  "zero_init_proj=true", "tie_embeddings=false", "value_embeds=2",
-                 "unet_skips=true", "--dry-run"]) == 0
+                 "unet_skips=true", "batch_warmup_iters=50", "batch_warmup_start=0.5",
+                 "--dry-run"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["model"]["value_embeds"] == 2 and shown["model"]["unet_skips"] is True
     assert shown["model"]["zero_init_proj"] is True
     assert shown["train"]["schedule"] == "wsd" and shown["train"]["decay_frac"] == 0.3
+    assert shown["train"]["batch_warmup_iters"] == 50
+    assert shown["train"]["batch_warmup_start"] == 0.5
+
+
+# --- batch-size warm-up ----------------------------------------------------------------------
+
+def test_batch_grows_linearly_to_batch_size_over_the_warmup():
+    cfg = TrainConfig(batch_size=32, batch_warmup_iters=8, batch_warmup_start=0.25)
+    assert [batch_size_at(s, cfg) for s in range(10)] == [8, 11, 14, 17, 20, 23, 26, 29, 32, 32]
+    assert [batch_size_at(s, cfg, multiple=4) for s in range(3)] == [8, 8, 12]  # per process
+    assert batch_size_at(0, cfg.replace(batch_size=2, batch_warmup_start=0.1), 2) == 2
+    assert batch_size_at(0, TrainConfig(batch_size=32)) == 32  # off by default
+    # epochs count the real tokens: the warm-up steps read fewer, so more steps are needed
+    per_step = [batch_size_at(s, cfg) * 10 for s in range(8)]  # block_size 10
+    assert epochs_to_steps(1.0, 1000, 320, per_step) == 7  # 930 tokens after 6, 1190 after 7
+    assert epochs_to_steps(1.0, 1000, 320, per_step[:3]) == 3 + 3  # 330 + 3 x 320 >= 1000
+    assert epochs_to_steps(1.0, 1000, 320) == 4
+    with pytest.raises(ConfigError, match=r"batch_warmup_start=0.0 is invalid: must be in \(0, 1\]"):
+        TrainConfig(batch_warmup_start=0.0)
+
+
+def _tiny_run(tmp_path, name, stop=None, callbacks=(), **kw):
+    from minlm.train import train
+
+    model_cfg = ModelConfig.from_preset("llama-0.5m", vocab_size=512, dim=32, n_layers=2,
+                                        n_heads=2, n_kv_heads=1, block_size=32, dropout=0.1)
+    cfg = TrainConfig(run_name=name, out_dir=str(tmp_path), max_iters=12, batch_size=8,
+                      batch_warmup_iters=8, batch_warmup_start=0.25, warmup_iters=2,
+                      eval_interval=6, eval_iters=2, log_interval=1, checkpoint_interval=100,
+                      max_docs=300, verbose=False, num_workers=1, **kw)
+    return train(model_cfg, cfg, stop=stop, callbacks=callbacks)
+
+
+@pytest.mark.usefixtures("shard_cache")
+def test_batch_warmup_logs_real_tokens_and_resumes_exactly(tmp_path):
+    """The tokens column adds each step's real batch; stopping inside the warm-up and
+    resuming gives the weights and log of the run that went straight through."""
+    from minlm.runs import load_run, read_log
+    from minlm.train import StopFlag
+
+    straight = _tiny_run(tmp_path, "a")
+    sizes = [batch_size_at(s, TrainConfig(batch_size=8, batch_warmup_iters=8)) for s in range(12)]
+    assert sizes[:3] == [2, 2, 3]
+    log = read_log(straight.run_dir)
+    assert log["tokens"].tolist() == [32 * sum(sizes[:k + 1]) for k in range(12)]
+    assert straight.tokens == 32 * sum(sizes)
+    stop = StopFlag()
+    first = _tiny_run(tmp_path, "b", stop,
+                      [lambda row: row["step"] >= 5 and stop.set("test stop")])
+    assert first.step == 5
+    resumed = _tiny_run(tmp_path, "b", resume=True)
+    assert resumed.step == 12 and resumed.tokens == straight.tokens
+    a, b = (load_run(r.run_dir).model.state_dict() for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cols = ["step", "tokens", "lr", "train_loss", "val_loss", "grad_norm"]
+    pd.testing.assert_frame_equal(read_log(resumed.run_dir)[cols], log[cols])
