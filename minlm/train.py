@@ -3,10 +3,11 @@
 This module sets a pretraining run up (device, tokenizer, token shards, the model, fresh or
 from another run's weights with ``init_from``, the optimizer) and hands it to the one
 training loop in ``minlm.engine`` with the ``Pretraining`` objective of
-``minlm.objectives``: AdamW or Muon, warmup then cosine/linear/constant decay, gradient
-accumulation and clipping, optional bf16 autocast and ``torch.compile``, DDP/FSDP under
-``torchrun``, evaluation on a fixed held-out set, a CSV log, atomic checkpoints with exact
-resume, step / epoch / time budgets, and a graceful stop (Ctrl-C, SIGTERM or a stop flag).
+``minlm.objectives``: AdamW or Muon, warmup then cosine/linear/constant/warm-up-stable-decay
+schedules, an optional batch-size warm-up, gradient accumulation and clipping, optional bf16
+autocast and ``torch.compile``, DDP/FSDP under ``torchrun``, evaluation on a fixed held-out
+set, a CSV log, atomic checkpoints with exact resume, step / epoch / time budgets, and a
+graceful stop (Ctrl-C, SIGTERM or a stop flag).
 """
 
 from __future__ import annotations
