@@ -286,10 +286,11 @@ def _tiny_run(tmp_path, name, stop=None, callbacks=(), **kw):
 
     model_cfg = ModelConfig.from_preset("llama-0.5m", vocab_size=512, dim=32, n_layers=2,
                                         n_heads=2, n_kv_heads=1, block_size=32, dropout=0.1)
-    cfg = TrainConfig(run_name=name, out_dir=str(tmp_path), max_iters=12, batch_size=8,
-                      batch_warmup_iters=8, batch_warmup_start=0.25, warmup_iters=2,
-                      eval_interval=6, eval_iters=2, log_interval=1, checkpoint_interval=100,
-                      max_docs=300, verbose=False, num_workers=1, **kw)
+    base = dict(run_name=name, out_dir=str(tmp_path), max_iters=12, batch_size=8,
+                batch_warmup_iters=8, batch_warmup_start=0.25, warmup_iters=2, eval_interval=6,
+                eval_iters=2, log_interval=1, checkpoint_interval=100, max_docs=300,
+                verbose=False, num_workers=1)
+    cfg = TrainConfig(**{**base, **kw})
     return train(model_cfg, cfg, stop=stop, callbacks=callbacks)
 
 
@@ -316,3 +317,15 @@ def test_batch_warmup_logs_real_tokens_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     cols = ["step", "tokens", "lr", "train_loss", "val_loss", "grad_norm"]
     pd.testing.assert_frame_equal(read_log(resumed.run_dir)[cols], log[cols])
+
+
+@pytest.mark.usefixtures("shard_cache")
+def test_resume_refuses_a_changed_batch_warmup(tmp_path):
+    from minlm.runs import RunError
+    from minlm.train import StopFlag
+
+    stop = StopFlag()
+    stop.set("before start")
+    _tiny_run(tmp_path, "c", stop)
+    with pytest.raises(RunError, match="batch_warmup_iters: saved 8, given 4"):
+        _tiny_run(tmp_path, "c", resume=True, batch_warmup_iters=4)
