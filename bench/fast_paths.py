@@ -7,10 +7,11 @@ llama-1m training step (forward, backward, AdamW) with ``minlm.fast`` on and off
 sides of each pair run in alternation, call by call, in one process, so that machine noise
 hits them alike; each figure is the median call. Prints ms per call and the ratio
 reference / fast (above 1: the trick is faster here). ``--chunks`` also times the fused loss at
-half, the default and double its chunk size (``minlm.fast.CHUNK_ELEMENTS``).
+half, the default and double its chunk size (``minlm.fast.CHUNK_ELEMENTS``); ``--scan-chunks``
+mamba-1m's chunked scan at the CPU default (chunks of one position) and at 16.
 
     python bench/fast_paths.py --quick        # a few seconds
-    python bench/fast_paths.py --chunks       # more rounds, and the chunk sizes
+    python bench/fast_paths.py --chunks --scan-chunks   # more rounds, and the chunk sizes
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 
 from minlm import LM, TrainConfig, fast
+from minlm.flops import cpu_bf16_is_faster
 from minlm.loss import masked_cross_entropy
 from minlm.modules.norm import RMSNorm
 from minlm.modules.position import RoPE
@@ -124,11 +126,24 @@ def chunk_sizes() -> dict[str, Callable[[], None]]:
     return {f"{e * 4 >> 20} MB chunks": at(e) for e in (default // 2, default, default * 2)}
 
 
+def scan_chunks() -> dict[str, Callable[[], None]]:
+    """mamba-1m forward+backward at batch 8 x 256 by ``scan_chunk`` (the CPU default is 1)."""
+    x = torch.randint(0, V, (8, T))
+
+    def at(chunk):
+        torch.manual_seed(0)
+        model = LM.from_preset("mamba-1m", mixer_options={"scan_chunk": chunk})
+        return lambda: model(x, x, return_logits=False)[1].backward()
+    return {f"scan_chunk={c}": at(c) for c in (1, 16)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=20, help="timed calls per contender")
     p.add_argument("--quick", action="store_true", help="5 rounds (2 for the training step)")
     p.add_argument("--chunks", action="store_true", help="also time the fused loss's chunk sizes")
+    p.add_argument("--scan-chunks", action="store_true",
+                   help="also time mamba-1m's scan by chunk length (seconds per call)")
     args = p.parse_args()
     rounds = 5 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -147,7 +162,7 @@ def main() -> None:
         t = alternate(contenders, n)
         note = ""
         if make is muon_pair:  # minlm.fast takes the fp32 steps only where bf16 is emulated
-            chosen = fast.muon_ns_dtype(torch.device("cpu")) is not None
+            chosen = fast.muon_ns_dtype(not cpu_bf16_is_faster()) is not None
             note = "  (fp32 chosen on this CPU)" if chosen else "  (torch's chosen on this CPU)"
         print(f"  {name:<28} {t['reference'] * 1e3:>10.2f} {t['fast'] * 1e3:>10.2f} "
               f"{t['reference'] / t['fast']:>14.2f}x{note}")
@@ -157,6 +172,11 @@ def main() -> None:
         print("  fused loss by chunk size (ratio: time / the default's):")
         for name, s in t.items():
             print(f"    {name:<26} {s * 1e3:>10.2f} ms {s / base:>8.2f}x")
+    if args.scan_chunks:
+        t = alternate(scan_chunks(), min(rounds, 3))
+        print("  mamba-1m forward+backward at 8 x 256 (ratio: time / scan_chunk=1's):")
+        for name, s in t.items():
+            print(f"    {name:<26} {s:>10.2f} s  {s / t['scan_chunk=1']:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -194,13 +194,9 @@ def fused_loss_workspace(rows: int, vocab_size: int) -> int:
 
 # --- Muon ---------------------------------------------------------------------------------
 
-def muon_ns_dtype(device: torch.device) -> torch.dtype | None:
-    """fp32 for Muon's Newton-Schulz steps on a CPU that would emulate bf16 (probed once,
-    cached; see ``minlm.flops.cpu_bf16_is_faster``), else None: the reference,
+def muon_ns_dtype(bf16_emulated: bool) -> torch.dtype | None:
+    """fp32 for Muon's Newton-Schulz steps where the device emulates bf16 (a CPU without fast
+    bf16, see ``minlm.flops.cpu_bf16_is_faster``), else None: the reference,
     ``torch.optim.Muon`` with its bf16 steps. The fp32 steps give the same update up to bf16
     rounding (tested)."""
-    if not _enabled or device.type != "cpu":
-        return None
-    from minlm.flops import cpu_bf16_is_faster  # flops builds models; imported when needed
-
-    return None if cpu_bf16_is_faster() else torch.float32
+    return torch.float32 if _enabled and bf16_emulated else None

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import minlm.fast as fast
 import minlm.tracing as tracing
 from minlm.config import ModelConfig
-from minlm import fast
 from minlm.loss import masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.modules.fastpath import joint_linear

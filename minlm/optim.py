@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from minlm import fast
+import minlm.fast as fast
 from minlm.config import TrainConfig
 from minlm.modules.bitlinear import LINEARS
 
@@ -118,7 +118,9 @@ class Muon(torch.optim.Optimizer):
 
 def _muon(params: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """PyTorch's Muon, or ours in the dtype ``minlm.fast`` asks for (fp32 on emulated bf16)."""
-    ns_dtype = fast.muon_ns_dtype(device)
+    from minlm.flops import cpu_bf16_is_faster
+
+    ns_dtype = fast.muon_ns_dtype(device.type == "cpu" and not cpu_bf16_is_faster())
     if ns_dtype is not None:
         return Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
     if not hasattr(torch.optim, "Muon"):  # PyTorch < 2.9: ours, with the same bf16 steps

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minlm import fast
+import minlm.fast as fast
 from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.model import LM

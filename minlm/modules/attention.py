@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import minlm.fast as fast
 import minlm.tracing as tracing
-from minlm import fast
 from minlm.errors import ConfigError
 from minlm.modules.bitlinear import make_linear
 from minlm.modules.fastpath import joint_linear

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minlm import fast
+import minlm.fast as fast
 from minlm.tracing import LoggingModule
 
 

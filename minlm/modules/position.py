@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from minlm import fast
+import minlm.fast as fast
 from minlm.tracing import LoggingModule
 
 
