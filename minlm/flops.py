@@ -59,8 +59,8 @@ def _cache_file() -> Path:
 def cpu_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
     """Measured matmul FLOP/s of this CPU at the current thread count (cached per machine).
 
-    bf16 ranges from about 3x fp32 (CPUs with AVX512-BF16 or AMX) to over 100x slower
-    (AVX2 only, where it is emulated), so each dtype is measured, never assumed."""
+    bf16 is faster than fp32 on CPUs with AVX512-BF16 or AMX and far slower on AVX2-only ones,
+    where PyTorch emulates it, so each dtype is measured, never assumed."""
     key = f"{platform.node()}|{platform.processor()}|{torch.get_num_threads()}|{dtype}"
     path = _cache_file()
     try:

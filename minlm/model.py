@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import minlm.fast as fast
 import minlm.tracing as tracing
 from minlm.config import ModelConfig
-from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
+from minlm.loss import masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.skips import unet_skips
@@ -153,9 +154,10 @@ class LM(LoggingModule):
                 cache=None, key_valid: torch.Tensor | None = None, return_logits: bool = True):
         """Logits (B, T, V) and, given targets, the mean cross-entropy over unmasked targets.
 
-        ``return_logits=False`` (the trainer's choice) with targets fuses the head into the loss
-        (``minlm.loss.fused_linear_cross_entropy``): faster and lighter, and the logits come
-        back as None. Soft-capped logits and traces always take the plain path.
+        ``return_logits=False`` (the trainer's choice) with targets, while ``minlm.fast`` is
+        on, fuses the head into the loss (``minlm.fast.fused_linear_cross_entropy``: the same
+        loss without holding the logits), and the logits come back as None. Soft-capped logits
+        and traces always take the plain path, which returns the logits.
 
         ``loss_mask`` (B, T) weights each target (0 drops it); targets equal to -100 are
         ignored too. ``positions``/``cache``/``key_valid`` serve incremental decoding: block i
@@ -185,9 +187,9 @@ class LM(LoggingModule):
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)  # (B, T, C)
-        if targets is not None and not return_logits and not self.config.logit_softcap \
-                and not tracing.enabled():
-            loss = fused_linear_cross_entropy(h, self.head.weight, targets, loss_mask)
+        if targets is not None and not return_logits and fast.enabled() \
+                and not self.config.logit_softcap and not tracing.enabled():
+            loss = fast.fused_linear_cross_entropy(h, self.head.weight, targets, loss_mask)
             return None, self._with_aux(loss, self._collect_aux_loss(h))
         logits = self.head(h)  # (B, T, V)
         if self.config.logit_softcap:

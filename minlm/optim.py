@@ -2,9 +2,10 @@
 
 Muon orthogonalises the update of each 2-D weight inside the blocks; embeddings, the head,
 norm gains and biases keep AdamW, as the Muon authors recommend. PyTorch's own
-``torch.optim.Muon`` is used when the installed version has it, except on CPUs without fast
-bf16: it runs its Newton-Schulz iteration in bf16, which PyTorch emulates on AVX2-only CPUs at
-about 1/100 of the fp32 speed, so there ``Muon`` below does the same steps in fp32.
+``torch.optim.Muon`` is the reference, used when the installed version has it; ``Muon`` below
+takes the same steps (with PyTorch versions that lack it), or the same steps in fp32 where
+``minlm.fast.muon_ns_dtype`` asks for it: on CPUs that emulate the bf16 of PyTorch's
+Newton-Schulz iteration.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+import minlm.fast as fast
 from minlm.config import TrainConfig
 from minlm.modules.bitlinear import LINEARS
 
@@ -115,11 +117,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def _muon(params: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """PyTorch's Muon where its bf16 Newton-Schulz steps are fast, else ours in fp32."""
+    """PyTorch's Muon, or ours in the dtype ``minlm.fast`` asks for (fp32 on emulated bf16)."""
     from minlm.flops import cpu_bf16_is_faster
 
-    if device.type == "cpu" and not cpu_bf16_is_faster():
-        return Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ns_dtype = fast.muon_ns_dtype(device.type == "cpu" and not cpu_bf16_is_faster())
+    if ns_dtype is not None:
+        return Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
     if not hasattr(torch.optim, "Muon"):  # PyTorch < 2.9: ours, with the same bf16 steps
         return Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=torch.bfloat16)
     # match_rms_adamw scales Muon's update to AdamW's size, so one lr serves both

@@ -32,9 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 
+import minlm.fast as fast
 from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
-from minlm.loss import chunk_rows
 from minlm.model import LM
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -145,9 +145,9 @@ def measure_step_memory(model_cfg: ModelConfig, train_cfg: TrainConfig,
     grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     state = nbytes(v for s in optimizer.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
-    V = model_cfg.vocab_size  # the fused loss holds one chunk of fp32 logits at a time
-    logits_chunk = min(x.numel(), chunk_rows(V)) * V * 4
-    return weights + grads + state + sum(saved.values()) + logits_chunk
+    # the fused loss holds one chunk of fp32 logits at a time, outside what autograd saves
+    workspace = fast.fused_loss_workspace(x.numel(), model_cfg.vocab_size) if fast.enabled() else 0
+    return weights + grads + state + sum(saved.values()) + workspace
 
 
 def memory_in_use(device: torch.device) -> int:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minlm import LM, ModelConfig
-from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
+from minlm.fast import fused_linear_cross_entropy
+from minlm.loss import masked_cross_entropy
 
 
 def tiny(**overrides) -> LM:
@@ -19,7 +20,7 @@ def grads(model: LM) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_loss_matches_plain_value_and_gradients(masked, monkeypatch):
-    monkeypatch.setattr("minlm.loss.CHUNK_ELEMENTS", 97 * 7)  # several chunks, a ragged last one
+    monkeypatch.setattr("minlm.fast.CHUNK_ELEMENTS", 97 * 7)  # several chunks, a ragged last one
     model = tiny()
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 97, (3, 16), generator=g)

@@ -1,5 +1,6 @@
-"""Muon: ours takes PyTorch's steps exactly in bf16, orthogonalises in fp32, and is chosen
-where PyTorch's bf16 Newton-Schulz steps would be emulated."""
+"""Muon: ours takes PyTorch's steps exactly in bf16 (and up to bf16 rounding in fp32),
+orthogonalises in fp32, and is chosen where PyTorch's bf16 Newton-Schulz steps would be
+emulated."""
 
 import pytest
 import torch
@@ -11,12 +12,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="PyTorch without torch.optim.Muon")
-def test_bf16_steps_equal_torch_muon():
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_steps_equal_torch_muon(ns_dtype):
+    """bf16: PyTorch's steps exactly; fp32 (minlm.fast's choice where bf16 is emulated): the
+    same steps up to bf16 rounding."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 48), (48, 16)]  # wide and tall
     ours = [torch.randn(s, generator=gen) for s in shapes]
     theirs = [p.clone() for p in ours]
-    a = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    start = [p.clone() for p in ours]
+    a = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=ns_dtype)
     b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for _ in range(3):
         for p, q in zip(ours, theirs):
@@ -24,8 +29,11 @@ def test_bf16_steps_equal_torch_muon():
             q.grad = p.grad.clone()
         a.step()
         b.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, q, p0 in zip(ours, theirs, start):
+        if ns_dtype == torch.bfloat16:
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+        else:  # the updates agree to bf16's few digits
+            assert (p - q).norm() < 0.05 * (q - p0).norm()
 
 
 def test_fp32_newton_schulz_pushes_singular_values_towards_one():

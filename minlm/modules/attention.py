@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import minlm.fast as fast
 import minlm.tracing as tracing
 from minlm.errors import ConfigError
 from minlm.modules import value_embed
@@ -20,7 +21,7 @@ from minlm.modules.bitlinear import make_linear
 from minlm.modules.block import layer_mixers
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.norm import RMSNorm
-from minlm.modules.position import ALiBi, RoPE, rotate_half_split
+from minlm.modules.position import ALiBi, RoPE
 from minlm.modules.registry import TokenMixer, register_mixer
 from minlm.tracing import Identity, Probe
 
@@ -128,11 +129,11 @@ class Attention(TokenMixer):
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         rope = self._modules["rope"]
         if type(rope) is RoPE:  # the tables are looked up once per step, for all layers
-            key = ("rope", D, rope.theta)
+            key = ("rope", D, rope.theta, fast.enabled())
             tables = cache.parent.step_memo.get(key)
             if tables is None:
                 tables = cache.parent.step_memo[key] = rope.tables(positions, qk.dtype)
-            qk = rotate_half_split(qk, *tables)
+            qk = rope.rotate(qk, tables)
         v = qkv.narrow(1, (H + K) * D, K * D).view(B, K, 1, D)  # (B, K, 1, D)
         if value_embed is not None:
             v = self.value_mix(v, value_embed.view(B, K, 1, D))  # (B, K, 1, D)

@@ -13,9 +13,8 @@ computation readable and CPU-friendly. Per channel e and state index n::
 
 Training runs a chunked scan: chunks of ``scan_chunk`` positions one after another, each with
 the MLGRU's log-depth ``linear_scan`` over its E * N channels. Scanning all T at once builds
-(B, T, E, N) tensors far larger than a CPU cache (a mamba-1m step at batch 8 x 256 took 17 s
-of CPU that way); on a CPU chunks of one position (a plain loop) were fastest (1.5 s against
-3.4 s for chunks of 16), a GPU prefers longer chunks.
+(B, T, E, N) tensors far larger than a CPU cache; on a CPU chunks of one position (a plain
+loop) measured fastest (``bench/fast_paths.py --scan-chunks``), a GPU prefers longer chunks.
 Decoding carries (the last d_conv - 1 conv inputs, h) and costs O(1) per token.
 
 Dimension letters: B batch, T time, C model width, E inner width, N state size, K conv taps,

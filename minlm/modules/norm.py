@@ -6,38 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import minlm.fast as fast
 from minlm.tracing import LoggingModule
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """fp32 RMSNorm with a gain, with a hand-written backward.
-
-    Why: ``F.rms_norm``'s backward is composed from ten-odd elementwise kernels; saving the
-    normalised input lets the backward do it in about six passes. Forward+backward at
-    16 x 256 x 128 on a 2-core CPU: 3.5-4.8 ms here vs 6.0-6.5 ms for ``F.rms_norm`` (nine
-    calls per llama-1m step). Same values; gradients equal up to float rounding (tested).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        normed = x * inv_rms
-        ctx.save_for_backward(normed, weight, inv_rms)
-        return normed * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        normed, weight, inv_rms = ctx.saved_tensors
-        grad_normed = grad * weight
-        # d normed / d x = inv_rms * (I - normed normed^T / C): remove the radial component
-        radial = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1) / normed.shape[-1]
-        grad_x = (grad_normed - normed * radial) * inv_rms
-        grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
-        return grad_x, grad_weight, None
-
-
 class RMSNorm(LoggingModule):
-    """Root-mean-square norm, computed in fp32 as Llama does, then cast back."""
+    """Root-mean-square norm, computed in fp32 as Llama does, then cast back:
+    ``x / sqrt(mean(x^2) + eps) * weight``. With ``minlm.fast`` on, fp32 calls with a gain
+    run ``fast.rms_norm`` (the same values, a hand-written backward)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
         super().__init__()
@@ -45,14 +21,16 @@ class RMSNorm(LoggingModule):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight is not None and self.weight.dtype == x.dtype:
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
-        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        if fast.enabled() and fast.rms_norm_applies(x, self.weight):
+            return fast.rms_norm(x, self.weight, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C)
+        h = h.to(x.dtype)
         return h * self.weight if self.weight is not None else h
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoding: the forward's formula without an autograd Function to set up, its
-        temporaries reused in place (``torch.rms_norm`` on a single row costs more on a CPU)."""
+        """Decoding: the forward's formula (the same values) with its temporaries reused in
+        place, since one token per row spends its time in per-op overhead."""
         weight = self._parameters["weight"]  # not self.weight: nn.Module's lookup costs here
         if weight is not None and weight.dtype == x.dtype == torch.float32:
             inv_rms = x.square().sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps).rsqrt_()

@@ -10,25 +10,25 @@ import math
 import torch
 from torch import nn
 
+import minlm.fast as fast
 from minlm.tracing import LoggingModule
 
 
-def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, as ``x * cos + roll(x) * signed_sin`` in two kernels.
-
-    ``signed_sin`` carries rotate_half's minus sign (its first half is -sin), so the rotation is
-    a plain roll by half the head and the whole product one ``addcmul``; the textbook form
-    (negate, concatenate, multiply, multiply, add) took ~1.6x as long forward+backward
-    (1.7 vs 2.6 ms per call at 16x4x256x32 on a 2-core CPU).
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last axis: each pair
+    (x[i], x[i + D/2]) turned by 90 degrees."""
+    x1, x2 = x.chunk(2, dim=-1)  # (..., D/2) each
+    return torch.cat((-x2, x1), dim=-1)
 
 
 class RoPE(LoggingModule):
-    """Rotary position embedding, half-split layout (as Hugging Face Llama uses).
+    """Rotary position embedding, half-split layout (as Hugging Face Llama uses): each pair
+    (x[i], x[i + D/2]) rotated by the angle position * theta^(-2i/D).
 
-    cos/signed_sin tables are non-persistent buffers: they are not saved with the weights and
-    are rebuilt (longer) on the fly if a sequence runs past ``max_len``.
+    The cos/sin tables are non-persistent buffers: they are not saved with the weights and are
+    rebuilt (longer) on the fly if a sequence runs past ``max_len``. With ``minlm.fast`` on,
+    ``tables`` hands out the sine with rotate_half's sign folded in and ``rotate`` runs
+    ``fast.rope_rotate`` (the same rotation).
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
@@ -41,31 +41,44 @@ class RoPE(LoggingModule):
                                                       dtype=torch.float32) / self.head_dim))
         t = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, D/2)
-        self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)
-        self.register_buffer("signed_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1),
-                             persistent=False)  # (T, D)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, D): pair i and i + D/2 share an angle
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("signed_sin", fast.signed_sin(self.sin), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D); positions: (T,) or (B, T) absolute positions."""
-        return rotate_half_split(x, *self.tables(positions, x.dtype))
+        return self.rotate(x, self.tables(positions, x.dtype))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x rotated by ``tables`` from ``tables()`` (taken under the same switch setting)."""
+        cos, sin = tables
+        if fast.enabled():
+            return fast.rope_rotate(x, cos, sin)  # sin here is the signed table
+        return x * cos + rotate_half(x) * sin
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos and signed sin at ``positions``: (T, D), or (B, 1, T, D) for per-row positions."""
+        """cos and sin at ``positions``: (T, D), or (B, 1, T, D) for per-row positions (the
+        sine signed for ``fast.rope_rotate`` while ``minlm.fast`` is on)."""
         if positions.dim() == 1 and positions.shape[0] == 1 and dtype == self.cos.dtype \
                 and not torch.compiler.is_compiling():  # one decoding step: views, no gather
             p = int(positions)
             if 0 <= p < self.cos.shape[0]:
-                return self.cos[p:p + 1], self.signed_sin[p:p + 1]  # (1, D) each
+                return self.cos[p:p + 1], self._sin_table()[p:p + 1]  # (1, D) each
         if not torch.compiler.is_compiling():  # reading positions.max() would break the graph;
             # compiled training stays within block_size, which the table always covers
             need = int(positions.max()) + 1 if positions.numel() else 0
             if need > self.cos.shape[0]:
                 self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
         cos = self.cos[positions].to(dtype)  # (T, D) or (B, T, D)
-        sin = self.signed_sin[positions].to(dtype)
+        sin = self._sin_table()[positions].to(dtype)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
         return cos, sin
+
+    def _sin_table(self) -> torch.Tensor:
+        return self.signed_sin if fast.enabled() else self.sin
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
