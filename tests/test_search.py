@@ -285,8 +285,8 @@ def test_a_finished_study_is_read_back_and_other_candidates_are_refused(tmp_path
 SPACE = {"lr": (1e-3, 1e-2, "log"), "n_layers": [1, 2]}
 
 
-def _tpe(tmp_path, n_trials, **kw):
-    model, train = base_cfgs(tmp_path, max_iters=8)
+def _tpe(tmp_path, n_trials, checkpoint_interval=8, **kw):
+    model, train = base_cfgs(tmp_path, max_iters=8, checkpoint_interval=checkpoint_interval)
     return search(None, model, train, sampler="tpe", space=kw.pop("space", SPACE),
                   n_trials=n_trials, pruner="hyperband", eta=2, n_rungs=2, seed=0,
                   verbose=False, **kw)
@@ -330,6 +330,26 @@ def test_tpe_with_hyperband_runs_n_trials_into_one_study_and_resumes_without_rep
     assert more.trials[3].name.startswith("trial03-") and len(_study_trials(tmp_path)) == 4
     with pytest.raises(ValueError, match="holds another space"):
         _tpe(tmp_path, 4, space={"lr": (1e-3, 1e-2)})
+
+
+def test_an_interrupted_tpe_trial_resumes_its_run_and_keeps_its_candidate(tmp_path, shared_data):
+    import optuna
+
+    def interrupt(t, row):
+        if t.name.startswith("trial01") and row["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer stops after this step
+
+    with pytest.raises(KeyboardInterrupt, match="search interrupted in trial01-.* at step 4"):
+        _tpe(tmp_path, 2, callbacks=[interrupt], checkpoint_interval=4)
+    seen = []
+    resumed = _tpe(tmp_path, 2, callbacks=[lambda t, row: seen.append((t.name[:7], row["step"]))])
+    assert seen == [("trial01", 8)]  # trial00 is not rerun; trial01 goes on from step 4
+    assert [t.status for t in resumed.trials] == ["trained", "trained"]
+    states = [(f.state, f.params) for f in _study_trials(tmp_path)]
+    assert [s for s, _ in states] == [optuna.trial.TrialState.COMPLETE,
+                                      optuna.trial.TrialState.FAIL,
+                                      optuna.trial.TrialState.COMPLETE]
+    assert states[2][1] == states[1][1] == resumed.trials[1].overrides  # the same candidate
 
 
 def test_tpe_trials_over_the_limits_are_skipped_and_count_as_trials(tmp_path, shared_data):
