@@ -15,7 +15,7 @@ printed.
 
     MINLM_DATA_DIR=../shared/data python bench/speedrun.py --recipe shipped
     MINLM_DATA_DIR=../shared/data python bench/speedrun.py --recipe shipped schedule=wsd --name wsd
-    MINLM_DATA_DIR=../shared/data python bench/speedrun.py --recipe best --ablate schedule,lr
+    MINLM_DATA_DIR=../shared/data python bench/speedrun.py --recipe shipped --ablate lr,warmup_iters
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_entry(label: str, preset: str, items: list[str], args) -> dict:
     log = read_log(result.run_dir)
     evals = log.dropna(subset=["val_bpb"])
     speeds = log["tokens_per_s"].dropna()  # measured between log rows, evaluations excluded
-    run = load_run(result.run_dir)
+    run = load_run(result.run_dir, device=meta.get("device", "cpu"))
     whole = evaluate_file(run.model, run.tokenizer, valid, max_docs=args.valid_docs)
     per_token = flops_per_token(model_cfg)
     hit = result.target_reached or {}
@@ -206,7 +206,7 @@ def report(r: dict) -> None:
         print(f"  target {r['target_bpb']} val bpb not reached in {r['tokens']:,} tokens")
     print(f"  final: {r['final_slice_bpb']} bpb on the fixed slice ({r['eval_windows']} windows), "
           f"{r['final_valid_bpb']} on the whole {r['valid_file']}; {r['tokens']:,} tokens, "
-          f"{r['flops']:.3g} FLOPs, {r['minutes']:.2f} min, {r['tokens_per_s']:,} tokens/s "
+          f"{r['flops']:.3g} FLOPs, {r['minutes']:.2f} min, {r['tokens_per_s'] or 0:,} tokens/s "
           f"({r['stopped']})")
     print("  record row:", record_row(r))
 
