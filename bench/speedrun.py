@@ -1,5 +1,7 @@
-"""CPU speedrun: tokens, FLOPs and minutes for a recipe to reach a validation bits-per-byte
-target on TinyStories, and the bits per byte it ends at within a token budget.
+"""CPU speedrun: the tokens, FLOPs and minutes a recipe needs to reach a val bpb target.
+
+It also gives the validation bits per byte the recipe ends at within a token budget, on
+TinyStories by default.
 
 A recipe is a preset plus ``key=value`` overrides of ModelConfig/TrainConfig, read exactly as
 ``python -m minlm train`` reads them, or a named recipe from ``bench/recipes.json`` (more
@@ -222,7 +224,8 @@ def parse_args(argv=None):
                    "else the preset's)")
     p.add_argument("--target", type=float, default=0.90, help="validation bits per byte to reach")
     p.add_argument("--tokens", type=_count, default=14_000_000,
-                   help="training-token budget, e.g. 14M; it also sets the schedule's length")
+                   help="training-token budget, e.g. 14M (rounded up to whole steps); it also "
+                   "sets the schedule's length")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
     p.add_argument("--stop-at-target", action="store_true",
                    help="end at the first evaluation at or below the target")
