@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from minlm import ModelConfig, TrainConfig
-from minlm.train import StopFlag, train, use_bf16
+from minlm.train import train, use_bf16
 
 PLAIN = dict(optimizer="adamw", lr=1e-3, precision="fp32", compile=False, warmup_iters=100,
              schedule="cosine", batch_size=32)
@@ -24,18 +24,11 @@ BEST = dict(optimizer="muon", lr=4e-3, precision="auto", compile=False, warmup_i
 
 
 def time_to_target(name: str, recipe: dict, target: float, minutes: float, out: str) -> dict:
-    stop = StopFlag()
-    reached: dict = {}
-
-    def watch(row):
-        if row.get("val_bpb") is not None and row["val_bpb"] <= target and not reached:
-            reached.update(row)
-            stop.set(f"reached {target} bits/byte")
-
     cfg = TrainConfig(run_name=name, out_dir=out, max_iters=100_000, max_minutes=minutes,
                       eval_interval=50, eval_iters=10, log_interval=10,
-                      checkpoint_interval=100_000, verbose=False, **recipe)
-    result = train(ModelConfig.from_preset("llama-1m"), cfg, stop=stop, callbacks=[watch])
+                      checkpoint_interval=100_000, verbose=False, stop_at_bpb=target, **recipe)
+    result = train(ModelConfig.from_preset("llama-1m"), cfg)  # the engine stops at the target
+    reached = result.target_reached or {}
     return {"recipe": name, "reached": bool(reached),
             "seconds": reached.get("elapsed_s", result.elapsed_s),
             "step": reached.get("step", result.step), "val_bpb": reached.get("val_bpb", result.val_bpb)}

@@ -111,28 +111,49 @@ def _report_result(result, verbose: bool, resume_hint: str) -> int:
 def cmd_search(args) -> int:
     import pandas as pd
 
-    from minlm.config import ModelConfig, TrainConfig, check_folder_name
+    from minlm.config import ConfigError, ModelConfig, TrainConfig, check_folder_name
     from minlm.search import grid, search
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
-    fixed, axes = [], {}  # key=a,b,c is an axis of the grid; key=a a fixed setting
+    tpe = args.sampler == "tpe"
+    if args.trials is not None and not tpe:
+        raise ConfigError(f"--trials {args.trials} sets how many candidates --sampler tpe draws; "
+                          "a grid tries each combination once (add --sampler tpe)")
+    # key=a,b,c is an axis of the grid (a choice for tpe); key=lo:hi[:log] a range (tpe only);
+    # key=a a fixed setting
+    fixed, axes, ranges = [], {}, {}
     for item in args.overrides:
         value = item.partition("=")[2]
-        if "," in value:
+        if _is_range(value):
+            if not tpe:
+                raise ConfigError(f"{item!r} is a range; ranges need --sampler tpe (a grid "
+                                  "takes key=a,b,c)")
+            ranges[_key(item)] = value.split(":")
+        elif "," in value:
             axes[_key(item)] = [v.strip() for v in value.split(",")]
         else:
             fixed.append(item)
-    model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in axes.items()])
+    varied = {**axes, **ranges}
+    model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in varied.items()])
     model_cfg = ModelConfig.from_preset(args.preset).with_overrides(
-        [i for i in model_items if _key(i) not in axes])
+        [i for i in model_items if _key(i) not in varied])
     train_cfg = TrainConfig(preset=args.preset).with_overrides(
-        [i for i in train_items if _key(i) not in axes])
-    owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in axes}
-    typed = {k: [getattr(owner[k].with_overrides([f"{k}={v}"]), k) for v in vals]
-             for k, vals in axes.items()}  # each value parsed and checked by its config
-    result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg,
-                    memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
-                    compute_budget=args.compute, max_params=args.max_params)
+        [i for i in train_items if _key(i) not in varied])
+    owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in varied}
+
+    def parse(key: str, value: str):  # each value parsed and checked by its config
+        return getattr(owner[key].with_overrides([f"{key}={value}"]), key)
+
+    typed = {k: [parse(k, v) for v in vals] for k, vals in axes.items()}
+    typed.update({k: (parse(k, v[0]), parse(k, v[1]), *v[2:]) for k, v in ranges.items()})
+    common = dict(memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
+                  compute_budget=args.compute, max_params=args.max_params, pruner=args.pruner,
+                  sampler=args.sampler)
+    if tpe:
+        result = search(None, model_cfg, train_cfg, space=typed,
+                        n_trials=args.trials or 0, seed=args.seed, **common)
+    else:
+        result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
     table = result.table
     saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
@@ -149,6 +170,18 @@ def cmd_search(args) -> int:
     print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
           f"{best.run_dir}")
     return 0
+
+
+def _is_range(value: str) -> bool:
+    """``lo:hi`` or ``lo:hi:log`` with numeric ends (``data=hf:owner/name`` is no range)."""
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or parts[2:] not in ([], ["log"]):
+        return False
+    try:
+        float(parts[0]), float(parts[1])
+    except ValueError:
+        return False
+    return True
 
 
 def _sampling(args) -> dict:
@@ -438,11 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tr)
     tr.set_defaults(func=cmd_train)
 
-    se = sub.add_parser("search", help="grid search over config fields, with a memory budget "
-                        "and successive halving", description="Grid search: key=a,b,c makes an "
-                        "axis, key=a a fixed setting; any ModelConfig or TrainConfig field. Every "
-                        "trial is a run under out_dir/NAME/; the table (best first) is printed "
-                        "and saved with a plot.")
+    se = sub.add_parser("search", help="grid or TPE search over config fields, with a memory "
+                        "budget and successive halving or Hyperband", description="Grid search: "
+                        "key=a,b,c makes an axis, key=a a fixed setting; any ModelConfig or "
+                        "TrainConfig field. With --sampler tpe, Optuna's TPE draws --trials "
+                        "candidates: key=a,b,c is a choice, key=lo:hi or key=lo:hi:log a range. "
+                        "Every trial is a run under out_dir/NAME/; the table (best first) is "
+                        "printed and saved with a plot.")
     se.add_argument("--preset", default="llama-1m", help="base model preset")
     se.add_argument("--name", default="search", help="folder under out_dir for the trials")
     se.add_argument("--memory", default=None, help="peak memory budget per trial, e.g. 4GB")
@@ -451,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-params", type=int, default=None, help="skip larger candidates")
     se.add_argument("--eta", type=int, default=3, help="keep the best 1/eta at each rung")
     se.add_argument("--rungs", type=int, default=3, help="number of rungs (1: no cutting)")
+    se.add_argument("--sampler", default="grid", help="grid (every combination, in order) or "
+                    "tpe (Optuna's TPE draws --trials candidates)")
+    se.add_argument("--trials", type=_at_least(1), default=None,
+                    help="how many candidates --sampler tpe draws")
+    se.add_argument("--pruner", default="halving", help="halving (successive halving) or "
+                    "hyperband, at the same rungs")
+    se.add_argument("--seed", type=int, default=None, help="seed of the TPE sampler")
     se.add_argument("overrides", nargs="*", help="key=value or key=a,b,c (an axis)")
     se.set_defaults(func=cmd_search)
 

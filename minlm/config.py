@@ -478,6 +478,8 @@ class TrainConfig(_Serialisable):
     keep_best: bool = False  # also keep the best evaluation's weights (model-best.safetensors)
     patience: int = 0  # stop after this many evaluations in a row above the best; 0: never
     logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (comma-separated)
+    target_bpb: float = 0.0  # record the first evaluation at or below this val bits/byte; 0: off
+    stop_at_bpb: float = 0.0  # end the run at the first evaluation at or below this; 0: never
 
     def __post_init__(self) -> None:
         self._check_types()  # also rejects NaN / infinity in float fields
@@ -498,6 +500,8 @@ class TrainConfig(_Serialisable):
         self._require(("decay_frac",), lambda v: 0 < v <= 1,
                       "must be in (0, 1]: the share of the run (after warm-up) spent decaying")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")
+        self._require(("target_bpb", "stop_at_bpb"), lambda v: v >= 0,
+                      "must be >= 0 (validation bits per byte; 0 means off)")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be in [0, 1)")

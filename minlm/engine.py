@@ -14,7 +14,11 @@ The policies, the same for every objective:
 - a checkpoint that cannot be written (too little free space, a write error) stops the run
   as failed, with the previous checkpoint untouched (every file is written atomically);
 - Ctrl-C and SIGTERM finish the current step, save a checkpoint and exit 130 / 143;
-- time budgets, early stopping and the stop button are normal ends (exit 0).
+- time budgets, early stopping, ``stop_at_bpb`` and the stop button are normal ends (exit 0).
+
+With ``target_bpb`` (or ``stop_at_bpb``) the first evaluation at or below that validation
+bits per byte is recorded as ``target_reached`` (step, tokens, elapsed_s, val_bpb) in the
+run's meta, so one run answers both "how long to the target" and "how low by the budget".
 
 The log has ``runs.LOG_COLUMNS`` followed by the objective's own ``columns``.
 """
@@ -132,6 +136,7 @@ class Outcome:
     status: str
     exit_code: int
     first_val: tuple[float, dict] | None = None
+    target_reached: dict | None = None  # the first evaluation at or below the target bpb
 
 
 class Engine:
@@ -164,6 +169,9 @@ class Engine:
         self.flops_per_token = flops_per_token(model_cfg)
         self.peak_flops = peak_flops(self.device, bf16)
         self.budget_reason = f"time budget of {cfg.max_minutes} min reached"
+        self.target = cfg.target_bpb or cfg.stop_at_bpb  # 0: no target
+        self.target_reason = f"reached the target of {cfg.stop_at_bpb} val bits/byte"
+        self.target_reached: dict | None = None
         self.loggers: list = []  # TensorBoard / MLflow, opened when the run starts
 
     @property
@@ -186,6 +194,7 @@ class Engine:
                 "torch_rng": torch.get_rng_state(), "data": self.objective.state_dict(),
                 "log_rows": self.log_rows, "best": best, "worse": self.worse,
                 "first_val": self.first_val, "skipped_steps": self.skipped_steps,
+                "target_reached": self.target_reached,
                 "tokenizer_hash": getattr(self.tokenizer, "hash", None),
                 "model_config": self.model_cfg.to_dict(), "versions": runs.library_versions()}
 
@@ -207,6 +216,7 @@ class Engine:
         self.worse = state.get("worse", 0)
         self.first_val = state.get("first_val")
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.target_reached = state.get("target_reached")
         self.resumed = True
         self.say(f"resuming {self.folder.final.name} from step {self.step}")
 
@@ -349,7 +359,19 @@ class Engine:
                      + "".join(f", val {k} {v:.4f}" for k, v in val[1].items())
                      + f", {row['tokens_per_s']:,.0f} tok/s")
             self._note_eval(val)
+            self._note_target(row)
         self._emit(row)
+
+    def _note_target(self, row: dict) -> None:
+        """Record the first evaluation at or below the target; stop there with stop_at_bpb."""
+        bpb = row.get("val_bpb")
+        if not self.target or bpb is None:
+            return
+        if self.target_reached is None and bpb <= self.target:
+            self.target_reached = {k: row[k] for k in ("step", "tokens", "elapsed_s", "val_bpb")}
+            self.say(f"step {self.step}: val bits/byte {bpb:.4f} reached the target {self.target}")
+        if self.cfg.stop_at_bpb and bpb <= self.cfg.stop_at_bpb:
+            self.stop.set(self.target_reason)
 
     # --- the loop ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -461,10 +483,11 @@ class Engine:
             failed = self.stop.kind == "failed"
         stopped = self.stop.reason if self.stop.is_set() else ""
         kind = self.stop.kind if stopped else ""
-        planned = stopped == self.budget_reason or stopped.startswith("early stop")
+        budget_end = stopped in (self.budget_reason, self.target_reason)
+        planned = budget_end or stopped.startswith("early stop")
         if failed:
             status = f"failed at step {self.step}: {stopped}"
-        elif not stopped or stopped == self.budget_reason:
+        elif not stopped or budget_end:
             status = "finished" + (f": {stopped}" if stopped else "")
         else:
             status = f"stopped at step {self.step}: {stopped}"
@@ -472,6 +495,9 @@ class Engine:
         self.meta.update({"status": status, "skipped_steps": self.skipped_steps,
                           "steps": self.step, "best_step": self.best[1] if self.best else None,
                           "val_loss_best": self.best[0] if self.best else None})
+        if self.target:
+            self.meta["target_bpb"] = self.target
+            self.meta["target_reached"] = self.target_reached
         if self.objective.eval_at_start:
             self.meta["val_loss_before"] = self.first_val[0] if self.first_val else None
         if "epoch" in self.objective.progress():
@@ -490,7 +516,8 @@ class Engine:
             self.say(f"saved {where} in {self.run_dir}; resume with resume=true")
         best = self.best[:3] if self.best else None
         return Outcome(self.folder.final, self.step, self.tokens, self.elapsed(), self.last_val,
-                       best, stopped, status, EXIT_CODES.get(kind, 0), self.first_val)
+                       best, stopped, status, EXIT_CODES.get(kind, 0), self.first_val,
+                       self.target_reached)
 
     def _keep_best(self) -> None:
         """Write the best evaluation's weights: as the run's weights (fine-tuning) or, with

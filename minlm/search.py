@@ -8,20 +8,26 @@ pruner stops a trial at a rung (a fraction of ``max_iters``) when it is not amon
 1/eta of the trials that reached that rung, a killed search resumes where it stopped (a trial
 cut short by the kill resumes exactly from its checkpoint), and several processes can share
 one study. A trial whose memory goes over the budget during training is stopped and marked.
-Optuna rather than hand-written halving: its pruner, storage, heartbeats and retries are
-maintained and tested where many people use them.
+Instead of a grid, ``sampler="tpe"`` lets Optuna's TPE sampler draw ``n_trials`` candidates
+from a search space, each informed by the trials before it; ``pruner="hyperband"`` runs
+Hyperband (several successive-halving brackets, some cutting later) at the same rungs.
+Optuna rather than hand-written halving: its pruner, sampler, storage, heartbeats and retries
+are maintained and tested where many people use them.
 
     results = search(grid(dim=[64, 128], n_layers=[2, 4], lr=[1e-3, 3e-3]),
                      ModelConfig.from_preset("llama-1m"), TrainConfig(max_iters=600),
                      memory_budget="2GB", eta=3)
     results.table        # one row per trial, best val bits per byte first
     results.figure()     # val bits per byte against parameters and against compute
+    search(None, model_cfg, train_cfg, sampler="tpe", n_trials=20, pruner="hyperband",
+           space={"lr": (1e-3, 1e-2, "log"), "n_layers": [2, 4], "dim": (64, 192)})
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import random
@@ -39,6 +45,8 @@ from minlm.model import LM
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+SAMPLERS = ("grid", "tpe")
+PRUNERS = ("halving", "hyperband")
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
 
@@ -77,6 +85,40 @@ def _check_fields(fields: dict) -> None:
     if unknown:
         raise ValueError(f"unknown config field(s) to search: {', '.join(unknown)}; any field of "
                          "ModelConfig or TrainConfig can be searched")
+
+
+def check_space(space: dict) -> None:
+    """A TPE search space: ``(lo, hi)`` or ``(lo, hi, "log")`` is a range (ints stay ints when
+    both ends are ints), a list a choice among its values."""
+    _check_fields(space)
+    if not space:
+        raise ValueError("space={} is empty: give at least one field, e.g. "
+                         "{'lr': (1e-3, 1e-2, 'log'), 'n_layers': [2, 4]}")
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            if not spec:
+                raise ValueError(f"space[{name!r}]=[] is invalid: a choice needs values")
+            continue
+        ok = (isinstance(spec, tuple) and len(spec) in (2, 3)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec[:2])
+              and spec[2:] in ((), ("log",)) and spec[0] < spec[1])
+        if not ok or (spec[2:] == ("log",) and spec[0] <= 0):
+            raise ValueError(f"space[{name!r}]={spec!r} is invalid: use a list of choices, "
+                             "(lo, hi) with lo < hi, or (lo, hi, 'log') with 0 < lo < hi")
+
+
+def _suggest(trial, space: dict) -> dict:
+    """The overrides a TPE trial draws from ``space`` (see ``check_space``)."""
+    out = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            out[name] = trial.suggest_categorical(name, spec)
+        elif isinstance(spec[0], int) and isinstance(spec[1], int):
+            out[name] = trial.suggest_int(name, spec[0], spec[1], log=spec[2:] == ("log",))
+        else:
+            out[name] = trial.suggest_float(name, float(spec[0]), float(spec[1]),
+                                            log=spec[2:] == ("log",))
+    return out
 
 
 def split_overrides(overrides: dict, model_cfg: ModelConfig,
@@ -287,13 +329,14 @@ def steps_for_compute(model_cfg: ModelConfig, train_cfg: TrainConfig, compute: f
     return max(train_cfg.eval_interval, int(compute // per_step))
 
 
-def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainConfig,
+def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg: TrainConfig,
            memory_budget: int | float | str | None = None, eta: int = 3, n_rungs: int = 3,
            name: str = "search", device: str | torch.device | None = None,
            callbacks: Sequence[Callable[[Trial, dict], None]] = (),
            compute_budget: float | None = None, max_params: int | None = None,
            verbose: bool = True, storage: str | None = None,
-           heartbeat: int = 10) -> SearchResult:
+           heartbeat: int = 10, sampler: str = "grid", space: dict | None = None,
+           n_trials: int = 0, pruner: str = "halving", seed: int | None = None) -> SearchResult:
     """Train each candidate (dicts of config overrides) as a run under
     ``train_cfg.out_dir/<name>/``, skipping those whose measured step memory exceeds
     ``memory_budget`` (bytes or "2GB"), and pruning with Optuna's successive-halving pruner at
@@ -306,21 +349,39 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     folder's last checkpoint once its heartbeat (every ``heartbeat`` seconds) has been silent
     for three beats. Several processes running the same search share its trials.
 
+    ``sampler="tpe"`` (with ``candidates=None``) draws ``n_trials`` candidates from ``space``
+    instead (``{"lr": (1e-3, 1e-2, "log"), "n_layers": [2, 4]}``: see ``check_space``) with
+    Optuna's TPE sampler (``seed`` makes its draws repeatable); a candidate over the memory or
+    parameter limit is a skipped trial and counts among the ``n_trials``. Run again, the
+    search draws only the trials still missing; a larger ``n_trials`` extends it.
+
     The pruner is asynchronous (ASHA): a trial reaching a rung continues if it is among the
     best 1/``eta`` of all trials that reached that rung so far, so the first trials are never
-    cut. Every trial trains for ``train_cfg.max_iters`` steps, which favours the larger
+    cut. ``pruner="hyperband"`` spreads the trials over Optuna's Hyperband brackets at the
+    same rungs, some of which cut later, hedging against curves that cross. Every trial
+    trains for ``train_cfg.max_iters`` steps, which favours the larger
     models. With ``compute_budget`` (training FLOPs per trial) each trial instead gets the
     steps that budget buys, so a model twice the size trains half as long, schedule included,
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
-    from minlm.memory import estimate_training_bytes
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
-    if not candidates:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is invalid: use one of {', '.join(SAMPLERS)}")
+    if pruner not in PRUNERS:
+        raise ValueError(f"pruner={pruner!r} is invalid: use one of {', '.join(PRUNERS)}")
+    if sampler == "grid" and not candidates:
         raise ValueError("no candidates to search; build them with grid(...) or "
-                         "random_candidates(...)")
+                         "random_candidates(...), or use sampler='tpe' with a space")
+    if sampler == "tpe":
+        if candidates:
+            raise ValueError(f"sampler='tpe' draws its candidates from space; got {len(candidates)} "
+                             "candidates too (pass None)")
+        check_space(space or {})
+        if n_trials < 1:
+            raise ValueError(f"n_trials={n_trials} is invalid: sampler='tpe' needs n_trials >= 1")
     if eta < 2 or n_rungs < 1:
         raise ValueError(f"eta={eta} must be >= 2 and n_rungs={n_rungs} >= 1")
     if heartbeat < 1:
@@ -331,72 +392,60 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
     out_dir = Path(train_cfg.out_dir) / name
     base_train = train_cfg.replace(out_dir=str(out_dir), verbose=False, resume=False)
 
+    def checked(t: Trial):
+        return _checked_candidate(t, model_cfg, base_train, budget, compute_budget, max_params,
+                                  dev, say)
+
     trials: list[Trial] = []
     configs: dict[str, tuple[ModelConfig, TrainConfig]] = {}
     runnable: list[int] = []
-    for i, overrides in enumerate(candidates):
-        label = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in overrides.items())
-        t = Trial(name=f"trial{i:02d}-{label}".replace("/", "_")[:100], overrides=dict(overrides))
+    for i, overrides in enumerate(candidates or []):
+        t = Trial(name=_trial_name(i, overrides), overrides=dict(overrides))
         trials.append(t)
-        try:
-            m, tc = split_overrides(overrides, model_cfg, base_train)
-            if compute_budget:
-                tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
-            configs[t.name] = (m, tc.replace(run_name=t.name))
-            t.params = LM.count_params(m)
-            if max_params is not None and t.params > max_params:
-                t.status = "skipped"
-                t.reason = f"{t.params:,} parameters, over the limit of {max_params:,}"
-                say(f"{t.name}: skipped; {t.reason}")
-                continue
-            estimate = estimate_training_bytes(m, tc.batch_size)
-            if budget is not None and estimate > 2 * budget:  # far over: do not even try it
-                t.status, t.peak_memory = "skipped", estimate
-                t.reason = (f"estimated {estimate / 2**20:,.1f} MiB for one training step, "
-                            f"far over the budget of {budget / 2**20:,.1f} MiB")
-                say(f"{t.name}: skipped; {t.reason}")
-                continue
-            t.peak_memory = measure_step_memory(m, tc, dev)
-        except (ValueError, TypeError) as e:
-            t.status, t.reason = "failed", f"invalid config: {e}"
-            continue
-        except (RuntimeError, MemoryError) as e:
-            t.status, t.reason = "skipped", f"one training step failed: {str(e)[:200]}"
-            continue
-        if budget is not None and t.peak_memory > budget:
-            t.status = "skipped"
-            t.reason = (f"one training step needs {t.peak_memory / 2**20:,.1f} MiB, over the "
-                        f"budget of {budget / 2**20:,.1f} MiB")
-            say(f"{t.name}: skipped; {t.reason}")
-            continue
-        runnable.append(i)
+        conf = checked(t)
+        if conf is not None:
+            configs[t.name] = conf
+            runnable.append(i)
 
-    study = _open_study(out_dir, name, candidates, runnable, eta, n_rungs, storage, heartbeat)
+    keys = ([json.dumps(c, sort_keys=True, default=str) for c in candidates] if sampler == "grid"
+            else {"space": json.dumps(space, sort_keys=True, default=str)})
+    study = _open_study(out_dir, name, keys, runnable, eta, n_rungs, storage, heartbeat,
+                        pruner, seed)
 
     def objective(trial) -> float:
         import optuna
 
         every = study.get_trials(deepcopy=False)
         frozen = next(f for f in every if f.number == trial.number)
-        if "fixed_params" not in frozen.system_attrs:  # another process emptied the queue first
-            trial.set_user_attr("status", "none left")
-            return math.nan
-        i = trial.suggest_categorical("candidate", list(range(len(candidates))))
-        t = trials[i]
-        m, tc = configs[t.name]
-        # an earlier trial of this candidate (killed, interrupted) left its run folder: resume it
-        again = any(f.params.get("candidate") == i for f in every if f.number < trial.number)
+        if sampler == "grid":
+            if "fixed_params" not in frozen.system_attrs:  # another process emptied the queue first
+                trial.set_user_attr("status", "none left")
+                return math.nan
+            i = trial.suggest_categorical("candidate", list(range(len(candidates))))
+            t, conf = trials[i], configs[trials[i].name]
+            # an earlier trial of this candidate (killed, interrupted) left its run folder
+            again = any(f.params.get("candidate") == i for f in every if f.number < trial.number)
+        else:  # a retried (killed) or requeued (interrupted) trial keeps its first number
+            first = _first_number(frozen)
+            t = Trial(name="", overrides=_suggest(trial, space))
+            t.name = _trial_name(first, t.overrides)
+            conf, again = checked(t), first != trial.number
+            trial.set_user_attr("name", t.name)
         trial.set_user_attr("pid", os.getpid())
-        rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
-        _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again), rungs,
-                     eta, dev, budget, callbacks)
+        if conf is not None:
+            m, tc = conf
+            rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
+            # resume the run folder an earlier trial of this candidate left
+            _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again),
+                         rungs, eta, dev, budget, callbacks)
         for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "peak_memory",
                   "params"):
             trial.set_user_attr(k, getattr(t, k))
         # relative, as in results.csv: the study stays valid when the search folder moves
         trial.set_user_attr("run_dir", SearchResult(trials, out_dir)._in_dir(t.run_dir))
         trial.set_user_attr("curve", [list(c) for c in t.curve])
+        if conf is None:  # skipped or invalid (TPE): said already, counted, not trained
+            return math.nan
         say(f"{t.name}: {t.status}" + (f"; {t.reason}" if t.reason else
                                        f", val bpb {t.val_bpb:.4f} at step {t.steps}"))
         if t.status in ("cut", "over memory"):
@@ -406,9 +455,66 @@ def search(candidates: Sequence[dict], model_cfg: ModelConfig, train_cfg: TrainC
                                     "again to resume")
         return t.val_bpb if t.status == "trained" else math.nan
 
-    _work_on(study, objective, heartbeat, out_dir / "study.lock")
-    _read_back(study, trials, runnable, out_dir)
+    _work_on(study, objective, heartbeat, out_dir / "study.lock",
+             n_trials if sampler == "tpe" else None)
+    if sampler == "grid":
+        _read_back(study, trials, runnable, out_dir)
+    else:
+        trials = _read_back_drawn(study, out_dir)
     return SearchResult(trials, out_dir)
+
+
+def _trial_name(number: int, overrides: dict) -> str:
+    label = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in overrides.items())
+    return f"trial{number:02d}-{label}".replace("/", "_")[:100]
+
+
+def _checked_candidate(t: Trial, model_cfg: ModelConfig, base_train: TrainConfig,
+                       budget: int | None, compute_budget: float | None, max_params: int | None,
+                       dev: torch.device, say) -> tuple[ModelConfig, TrainConfig] | None:
+    """The configs of a candidate that may train; None (``t`` marked skipped or failed, with
+    the reason) when it is invalid, over ``max_params``, or over the memory budget by the
+    estimate or by one measured training step."""
+    from minlm.memory import estimate_training_bytes
+
+    try:
+        m, tc = split_overrides(t.overrides, model_cfg, base_train)
+        if compute_budget:
+            tc = tc.replace(max_iters=steps_for_compute(m, tc, compute_budget))
+        t.params = LM.count_params(m)
+        if max_params is not None and t.params > max_params:
+            t.status = "skipped"
+            t.reason = f"{t.params:,} parameters, over the limit of {max_params:,}"
+            say(f"{t.name}: skipped; {t.reason}")
+            return None
+        estimate = estimate_training_bytes(m, tc.batch_size)
+        if budget is not None and estimate > 2 * budget:  # far over: do not even try it
+            t.status, t.peak_memory = "skipped", estimate
+            t.reason = (f"estimated {estimate / 2**20:,.1f} MiB for one training step, "
+                        f"far over the budget of {budget / 2**20:,.1f} MiB")
+            say(f"{t.name}: skipped; {t.reason}")
+            return None
+        t.peak_memory = measure_step_memory(m, tc, dev)
+    except (ValueError, TypeError) as e:
+        t.status, t.reason = "failed", f"invalid config: {e}"
+        return None
+    except (RuntimeError, MemoryError) as e:
+        t.status, t.reason = "skipped", f"one training step failed: {str(e)[:200]}"
+        return None
+    if budget is not None and t.peak_memory > budget:
+        t.status = "skipped"
+        t.reason = (f"one training step needs {t.peak_memory / 2**20:,.1f} MiB, over the "
+                    f"budget of {budget / 2**20:,.1f} MiB")
+        say(f"{t.name}: skipped; {t.reason}")
+        return None
+    return m, tc.replace(run_name=t.name)
+
+
+def _first_number(frozen) -> int:
+    """The number of the first trial of a drawn candidate: a trial retried after a kill
+    (Optuna's ``failed_trial``) or requeued after Ctrl-C (``resumes``) continues its run."""
+    return frozen.user_attrs.get("resumes", frozen.system_attrs.get("failed_trial", frozen.number))
 
 
 def _say(verbose: bool):
@@ -417,12 +523,13 @@ def _say(verbose: bool):
     return tqdm.write if verbose else (lambda *a, **k: None)
 
 
-def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: list[int],
-                eta: int, n_rungs: int, storage: str | None, heartbeat: int):
-    """Create or load the study, and queue (once, under a file lock shared by every process
-    of this search) each runnable candidate no trial holds yet."""
+def _open_study(out_dir: Path, name: str, keys: list | dict, runnable: list[int],
+                eta: int, n_rungs: int, storage: str | None, heartbeat: int,
+                pruner: str = "halving", seed: int | None = None):
+    """Create or load the study. A grid (``keys`` lists its candidates) queues, once, under a
+    file lock shared by every process of this search, each runnable candidate no trial holds
+    yet; a drawn search (``keys`` holds its space) requeues each trial stopped by Ctrl-C."""
     import fcntl
-    import json
     import warnings
 
     import optuna
@@ -431,10 +538,15 @@ def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: 
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage or f"sqlite:///{out_dir.resolve() / 'study.db'}"
-    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta,
-                                                     min_early_stopping_rate=0)
-              if n_rungs > 1 else optuna.pruners.NopPruner())
-    keys = [json.dumps(c, sort_keys=True, default=str) for c in candidates]
+    if n_rungs == 1:
+        cutter = optuna.pruners.NopPruner()
+    elif pruner == "hyperband":  # rung k is reported as step eta**k, the last is eta**(n-1)
+        cutter = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=eta ** (n_rungs - 1),
+                                                reduction_factor=eta)
+    else:
+        cutter = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta,
+                                                        min_early_stopping_rate=0)
+    grid_search = isinstance(keys, list)
     with open(out_dir / "study.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with warnings.catch_warnings():  # heartbeats are marked experimental
@@ -446,31 +558,67 @@ def _open_study(out_dir: Path, name: str, candidates: Sequence[dict], runnable: 
                 heartbeat_stale_trial_callback=retry,
                 engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
         study = optuna.create_study(storage=rdb, study_name=name, direction="minimize",
-                                    pruner=pruner, load_if_exists=True)
-        saved = study.user_attrs.get("candidates")
+                                    pruner=cutter, load_if_exists=True,
+                                    sampler=optuna.samplers.TPESampler(seed=seed))
+        attr, other = ("candidates", "space") if grid_search else ("space", "candidates")
+        saved = study.user_attrs.get(attr)
+        if other in study.user_attrs:
+            raise ValueError(f"study {name!r} in {url} holds a search by "
+                             f"{'grid' if other == 'candidates' else 'TPE sampling'}; give this "
+                             "search another name, or delete the study to start it again")
         if saved is None:
-            study.set_user_attr("candidates", keys)
-        elif saved != keys:
+            study.set_user_attr(attr, keys)
+        elif saved != keys and grid_search:
             raise ValueError(f"study {name!r} in {url} holds other candidates ({len(saved)}, "
                              f"not these {len(keys)}); give this search another name, or "
                              "delete the study to start it again")
-        # candidates whose trials all failed (an error, Ctrl-C) are queued again
+        elif saved != keys:
+            raise ValueError(f"study {name!r} in {url} holds another space ({saved['space']}, "
+                             f"not {keys['space']}); give this search another name, or delete "
+                             "the study to start it again")
         live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        held = {f.params.get("candidate", f.system_attrs.get("fixed_params", {}).get("candidate"))
-                for f in study.get_trials(deepcopy=False, states=live)}
-        for i in runnable:
-            if i not in held:
-                study.enqueue_trial({"candidate": i})
+        if grid_search:  # candidates whose trials all failed (an error, Ctrl-C) are queued again
+            held = {f.params.get("candidate",
+                                 f.system_attrs.get("fixed_params", {}).get("candidate"))
+                    for f in study.get_trials(deepcopy=False, states=live)}
+            for i in runnable:
+                if i not in held:
+                    study.enqueue_trial({"candidate": i})
+        else:
+            every = study.get_trials(deepcopy=False)
+            held = {_first_number(f) for f in every if f.state in live}
+            for f in every:
+                first = _first_number(f)
+                if f.user_attrs.get("status") == "interrupted" and first not in held:
+                    study.enqueue_trial(f.params, user_attrs={"resumes": first})
+                    held.add(first)
     return study
 
 
-def _work_on(study, objective, heartbeat: int, lock_path: Path) -> None:
-    """Take queued trials until none is left, then wait for those other processes still run
+def _counted(study) -> int:
+    """Trials of a drawn search that count towards ``n_trials``: finished, running or queued,
+    and those that ended on their own (skipped, failed); not those a kill or Ctrl-C stopped
+    (their retry is queued)."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for f in study.get_trials(deepcopy=False):
+        if f.state != TrialState.FAIL:
+            n += 1
+        elif "status" in f.user_attrs and f.user_attrs["status"] != "interrupted":
+            n += 1
+    return n
+
+
+def _work_on(study, objective, heartbeat: int, lock_path: Path,
+             n_trials: int | None = None) -> None:
+    """Take queued trials (and, for a drawn search, start new ones while fewer than
+    ``n_trials`` count) until none is left, then wait for those other processes still run
     (a process that dies leaves its trial to whoever notices its silent heartbeat).
 
-    The file lock spans from seeing a queued trial to popping it (the objective's first act
-    is to let go), so two processes never race for the last one: the loser would make Optuna
-    start a trial the queue did not hold."""
+    The file lock spans from seeing a queued trial (or a missing one) to starting it (the
+    objective's first act is to let go), so two processes never race for the last one: the
+    loser would make Optuna start a trial the queue did not hold, or one too many."""
     import fcntl
     import time
     import warnings
@@ -491,7 +639,7 @@ def _work_on(study, objective, heartbeat: int, lock_path: Path) -> None:
                     warnings.simplefilter("ignore", ExperimentalWarning)
                     fail_stale_trials(study)  # a killed process's trial goes back in the queue
                 states = {f.state for f in study.get_trials(deepcopy=False)}
-                if TrialState.WAITING in states:
+                if TrialState.WAITING in states or (n_trials and _counted(study) < n_trials):
                     study.optimize(popped, n_trials=1, catch=(), gc_after_trial=False)
                     continue
             finally:
@@ -499,6 +647,15 @@ def _work_on(study, objective, heartbeat: int, lock_path: Path) -> None:
             if TrialState.RUNNING not in states:
                 return
             time.sleep(heartbeat)
+
+
+def _fill(t: Trial, attrs: dict, out_dir: Path) -> None:
+    """A trial's figures as its study trial recorded them."""
+    for k in ("status", "reason", "steps", "tokens", "compute"):
+        setattr(t, k, attrs[k])
+    t.run_dir = str(out_dir / attrs["run_dir"]) if attrs["run_dir"] else ""
+    t.val_bpb = math.nan if attrs["val_bpb"] is None else float(attrs["val_bpb"])
+    t.curve = [tuple(c) for c in attrs["curve"]]
 
 
 def _read_back(study, trials: list[Trial], runnable: list[int], out_dir: Path) -> None:
@@ -515,12 +672,26 @@ def _read_back(study, trials: list[Trial], runnable: list[int], out_dir: Path) -
         if i not in last:
             t.status, t.reason = "failed", "no finished trial in the study"
             continue
-        attrs = last[i].user_attrs
-        for k in ("status", "reason", "steps", "tokens", "compute"):
-            setattr(t, k, attrs[k])
-        t.run_dir = str(out_dir / attrs["run_dir"]) if attrs["run_dir"] else ""
-        t.val_bpb = math.nan if attrs["val_bpb"] is None else float(attrs["val_bpb"])
-        t.curve = [tuple(c) for c in attrs["curve"]]
+        _fill(t, last[i].user_attrs, out_dir)
+
+
+def _read_back_drawn(study, out_dir: Path) -> list[Trial]:
+    """One trial per drawn candidate, from the last finished study trial of each."""
+    from optuna.trial import TrialState
+
+    last = {}
+    for f in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                       TrialState.FAIL)):
+        if "steps" in f.user_attrs:
+            last[_first_number(f)] = f
+    trials = []
+    for first in sorted(last):
+        attrs = last[first].user_attrs
+        t = Trial(name=attrs["name"], overrides=dict(last[first].params),
+                  params=attrs["params"], peak_memory=attrs["peak_memory"])
+        _fill(t, attrs, out_dir)
+        trials.append(t)
+    return trials
 
 
 def _train_trial(t: Trial, trial, study, model_cfg: ModelConfig, train_cfg: TrainConfig,

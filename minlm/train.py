@@ -51,6 +51,7 @@ class TrainResult:
     stopped: str  # "" when max_iters was reached, else why it stopped early
     status: str = "finished"  # as train_config.json records it
     exit_code: int = 0  # what the command exits with: 0, 1 (failed), 130 (Ctrl-C), 143 (SIGTERM)
+    target_reached: dict | None = None  # step, tokens, elapsed_s, val_bpb at target_bpb
 
     def __str__(self) -> str:
         figures = (f"val loss {self.val_loss:.4f}, val bits/byte {self.val_bpb:.4f}"
@@ -212,7 +213,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     val = out.last_val
     result = TrainResult(out.run_dir, out.step, out.tokens, out.elapsed_s,
                          val[0] if val else None, val[1].get("bpb") if val else None,
-                         out.stopped, out.status, out.exit_code)
+                         out.stopped, out.status, out.exit_code, out.target_reached)
     say(str(result))
     return result
 

@@ -278,3 +278,116 @@ def test_a_finished_study_is_read_back_and_other_candidates_are_refused(tmp_path
     with pytest.raises(ValueError, match="study 'search' in sqlite:///.*holds other candidates "
                                          r"\(1, not these 2\); give this search another name"):
         search(grid(lr=[3e-3, 1e-3]), model, train, n_rungs=1, verbose=False)
+
+
+# --- TPE sampling and Hyperband ------------------------------------------------------------
+
+SPACE = {"lr": (1e-3, 1e-2, "log"), "n_layers": [1, 2]}
+
+
+def _tpe(tmp_path, n_trials, checkpoint_interval=8, **kw):
+    model, train = base_cfgs(tmp_path, max_iters=8, checkpoint_interval=checkpoint_interval)
+    return search(None, model, train, sampler="tpe", space=kw.pop("space", SPACE),
+                  n_trials=n_trials, pruner="hyperband", eta=2, n_rungs=2, seed=0,
+                  verbose=False, **kw)
+
+
+def _study_trials(tmp_path):
+    import optuna
+
+    return optuna.load_study(study_name="search",
+                             storage=f"sqlite:///{tmp_path}/search/study.db").get_trials()
+
+
+def test_tpe_with_hyperband_runs_n_trials_into_one_study_and_resumes_without_repeats(
+        tmp_path, shared_data, monkeypatch):
+    import optuna
+
+    made = []
+
+    class Recorded(optuna.pruners.HyperbandPruner):
+        def __init__(self, **kw):
+            made.append(kw)
+            super().__init__(**kw)
+
+    monkeypatch.setattr(optuna.pruners, "HyperbandPruner", Recorded)
+    first = _tpe(tmp_path, 3)
+    # the same rungs as successive halving: rung k reported as step eta**k, the last eta**(n-1)
+    assert made[0] == {"min_resource": 1, "max_resource": 2, "reduction_factor": 2}
+    assert [t.name[:8] for t in first.trials] == ["trial00-", "trial01-", "trial02-"]
+    for t in first.trials:
+        assert t.status in ("trained", "cut") and set(t.overrides) == {"lr", "n_layers"}
+        assert 1e-3 <= t.overrides["lr"] <= 1e-2 and t.overrides["n_layers"] in (1, 2)
+        assert (tmp_path / "search" / t.name).is_dir()
+    assert [f.intermediate_values for f in _study_trials(tmp_path)][0].keys() == {1}
+
+    again = _tpe(tmp_path, 3, callbacks=[lambda t, row: pytest.fail("a finished trial trained again")])
+    assert again.table.to_dict() == first.table.to_dict()
+    assert len(_study_trials(tmp_path)) == 3
+
+    more = _tpe(tmp_path, 4)  # a larger n_trials draws only the missing one
+    assert [t.name for t in more.trials[:3]] == [t.name for t in first.trials]
+    assert more.trials[3].name.startswith("trial03-") and len(_study_trials(tmp_path)) == 4
+    with pytest.raises(ValueError, match="holds another space"):
+        _tpe(tmp_path, 4, space={"lr": (1e-3, 1e-2)})
+
+
+def test_an_interrupted_tpe_trial_resumes_its_run_and_keeps_its_candidate(tmp_path, shared_data):
+    import optuna
+
+    def interrupt(t, row):
+        if t.name.startswith("trial01") and row["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer stops after this step
+
+    with pytest.raises(KeyboardInterrupt, match="search interrupted in trial01-.* at step 4"):
+        _tpe(tmp_path, 2, callbacks=[interrupt], checkpoint_interval=4)
+    seen = []
+    resumed = _tpe(tmp_path, 2, callbacks=[lambda t, row: seen.append((t.name[:7], row["step"]))])
+    assert seen == [("trial01", 8)]  # trial00 is not rerun; trial01 goes on from step 4
+    assert [t.status for t in resumed.trials] == ["trained", "trained"]
+    states = [(f.state, f.params) for f in _study_trials(tmp_path)]
+    assert [s for s, _ in states] == [optuna.trial.TrialState.COMPLETE,
+                                      optuna.trial.TrialState.FAIL,
+                                      optuna.trial.TrialState.COMPLETE]
+    assert states[2][1] == states[1][1] == resumed.trials[1].overrides  # the same candidate
+
+
+def test_tpe_trials_over_the_limits_are_skipped_and_count_as_trials(tmp_path, shared_data):
+    result = _tpe(tmp_path, 2, max_params=1000)
+    assert [t.status for t in result.trials] == ["skipped", "skipped"]
+    assert all("over the limit of 1,000" in t.reason for t in result.trials)
+    assert len(_study_trials(tmp_path)) == 2 and not list((tmp_path / "search").glob("trial*"))
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": (1e-2, 1e-3)}, r"space\['lr'\]=\(0.01, 0.001\) is invalid: use a list of choices"),
+    ({"lr": (0, 1e-2, "log")}, r"space\['lr'\]=\(0, 0.01, 'log'\) is invalid"),
+    ({"n_layers": []}, r"space\['n_layers'\]=\[\] is invalid: a choice needs values"),
+    ({"nope": [1]}, "unknown config field"),
+])
+def test_a_bad_space_is_refused_naming_the_field(tmp_path, space, message):
+    with pytest.raises(ValueError, match=message):
+        _tpe(tmp_path, 1, space=space)
+
+
+def test_search_command_samples_with_tpe_and_hyperband(tmp_path, shared_data, capsys):
+    import pandas as pd
+
+    from minlm.cli import main
+
+    tiny = ["vocab_size=512", "dim=32", "n_heads=2", "n_kv_heads=1", "block_size=32",
+            "max_iters=4", "batch_size=4", "eval_interval=4", "eval_iters=1", "max_docs=200",
+            "num_workers=1", f"out_dir={tmp_path}"]
+    code = main(["search", "--preset", "llama-0.5m", "--name", "tpe", "--sampler", "tpe",
+                 "--trials", "2", "--pruner", "hyperband", "--seed", "1", "lr=1e-3:1e-2:log",
+                 "n_layers=1,2", *tiny])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = pd.read_csv(tmp_path / "tpe" / "results.csv")
+    assert len(table) == 2 and (table["status"] == "trained").all()
+    assert table["lr"].between(1e-3, 1e-2).all() and set(table["n_layers"]) <= {1, 2}
+    assert main(["search", "--name", "g", "lr=1e-3:1e-2", *tiny]) == 2
+    assert "'lr=1e-3:1e-2' is a range; ranges need --sampler tpe" in capsys.readouterr().err
+    assert main(["search", "--name", "g", "--sampler", "tpe", "--pruner", "nope",
+                 "--trials", "1", "lr=1e-3:1e-2", *tiny]) == 2
+    assert "pruner='nope' is invalid: use one of halving, hyperband" in capsys.readouterr().err
