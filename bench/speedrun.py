@@ -39,6 +39,7 @@ from minlm.data import resolve_text_files
 from minlm.errors import report_errors
 from minlm.evaluate import evaluate_file
 from minlm.flops import flops_per_token
+from minlm.objectives import epochs_to_steps, pretraining_step_tokens
 from minlm.runs import load_run, read_configs, read_log
 from minlm.settings import canonical_item
 from minlm.train import train
@@ -85,7 +86,9 @@ def configs(preset: str, items: list[str], args, run_name: str) -> tuple[ModelCo
     model_cfg = ModelConfig.from_preset(preset).with_overrides(model_items)
     cfg = TrainConfig(preset=preset).with_overrides(train_items)
     step_tokens = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
-    max_iters = max(1, math.ceil(args.tokens / step_tokens))
+    # a batch warm-up reads fewer tokens in its first steps: count them, so the budget is met
+    max_iters = epochs_to_steps(1, args.tokens, step_tokens,
+                                pretraining_step_tokens(cfg, model_cfg.block_size))
     eval_batch = min(32, args.eval_windows)
     return model_cfg, cfg.replace(
         run_name=run_name, out_dir=str(args.out_dir), max_iters=max_iters,

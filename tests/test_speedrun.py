@@ -140,3 +140,16 @@ def test_stop_at_bpb_ends_python_m_minlm_train_as_a_normal_finish(tmp_path, shar
 def test_a_negative_target_is_refused_naming_the_field(field):
     with pytest.raises(ConfigError, match=f"{field}=-1.0 is invalid: must be >= 0"):
         TrainConfig(**{field: -1.0})
+
+
+def test_the_token_budget_counts_a_batch_warm_up_smaller_first_batches():
+    """With a batch warm-up the first steps read fewer tokens: the budget still holds in full."""
+    from minlm.objectives import pretraining_step_tokens
+
+    module = bench_module()
+    args = module.parse_args(["--tokens", "3M"])
+    model_cfg, cfg = module.configs("llama-1m", ["batch_warmup_iters=50"], args, "w")
+    first = pretraining_step_tokens(cfg, model_cfg.block_size)
+    full = cfg.batch_size * model_cfg.block_size
+    read = sum(first) + (cfg.max_iters - len(first)) * full
+    assert 3_000_000 <= read < 3_000_000 + full

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import minlm.fast as fast
 import minlm.tracing as tracing
 from minlm.errors import ConfigError
-from minlm.modules import value_embed
+import minlm.modules.value_embed as value_embed
 from minlm.modules.bitlinear import make_linear
 from minlm.modules.block import layer_mixers
 from minlm.modules.fastpath import joint_linear
