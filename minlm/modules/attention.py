@@ -68,7 +68,7 @@ class Attention(TokenMixer):
     """Causal self-attention; with a cache, keys and values are appended to a ``KVCache``."""
 
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C, H, K, D = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.window, self.softcap, self.layer_idx = cfg.window, cfg.attn_softcap, layer_idx
@@ -164,8 +164,3 @@ class Attention(TokenMixer):
         mask = attention_mask(q_pos, k_pos, self.window, key_valid)
         scores = self.scores(scores.masked_fill(~mask, float("-inf")))
         return self.probs(torch.softmax(scores.float(), dim=-1).to(q.dtype))
-
-    def extra_flops(self, args, output) -> int:
-        x = args[0]
-        B, T = x.shape[0], x.shape[1]
-        return 4 * B * self.n_heads * T * T * self.head_dim  # scores and weighted sum

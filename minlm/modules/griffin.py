@@ -56,7 +56,7 @@ def _validate(cfg) -> None:
                 memory=lambda cfg, T: _sizes(cfg)[0] * (16 + 3 * (T - 1).bit_length()))
 class Griffin(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         E, K = _sizes(cfg)
         self.y_proj = nn.Linear(C, E, bias=cfg.attn_bias)

@@ -89,7 +89,7 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
                 memory=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1] + 14 * _sizes(cfg)[0])
 class Mamba(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         E, N, K, R = _sizes(cfg)
         self.E, self.N, self.R = E, N, R

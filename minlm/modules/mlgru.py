@@ -61,7 +61,7 @@ class MLGRU(TokenMixer):
     """
 
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         self.layer_idx = layer_idx
         self.f_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
@@ -97,9 +97,3 @@ class MLGRU(TokenMixer):
         h = (1 - f) * c if cache.state is None else torch.addcmul((1 - f) * c, f, cache.state)
         cache.state = h  # (B, C)
         return joint_linear(self, ("o_proj",), g * h, residual)
-
-    def extra_flops(self, args, output) -> int:
-        x = args[0]
-        B, T, C = x.shape
-        steps = max(1, (T - 1).bit_length())
-        return B * T * C * (8 + 3 * steps)  # gates, recurrence scan, output gating
