@@ -17,6 +17,7 @@ from minlm.config import ModelConfig
 from minlm.loss import fused_linear_cross_entropy, masked_cross_entropy
 from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.modules.fastpath import joint_linear
+from minlm.modules.norm import split_step
 from minlm.tracing import Identity, LoggingModule
 
 # projections that write to the residual stream (mixer outputs, MLP or KAN down)
@@ -191,7 +192,8 @@ class LM(LoggingModule):
         for i, block in enumerate(self.blocks):
             x = block.step(x, positions, cache.layer(i))
         cache.advance(1)
-        logits = joint_linear(self, ("head",), self.norm.step(x))  # (B, V)
+        h, gain = split_step(self.norm, x)
+        logits = joint_linear(self, ("head",), h, gain=gain)  # (B, V)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)

@@ -105,13 +105,14 @@ class Attention(TokenMixer):
         return self.o_proj(y)
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x (B, C) -> (B, C), appending to ``cache``; the same
         computation as ``forward`` with q/k/v projected by one joined product and q and k
         rotated together. ``positions``: (1,) shared or (B, 1) per row."""
         B = x.shape[0]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x)  # (B, (H + 2K) D)
+        qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x, gain=gain)  # (B, (H + 2K) D)
         qk = qkv.narrow(1, 0, (H + K) * D).view(B, H + K, 1, D)  # (B, H+K, T=1, D)
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)

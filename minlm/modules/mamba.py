@@ -157,10 +157,11 @@ class Mamba(TokenMixer):
         return self.out_proj(self.gated(y * F.silu(z)))
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C): the recurrence's single step, O(1) in the context."""
         conv_prev, h = cache.state if cache.state is not None else (None, None)
-        xi, z = joint_linear(self, ("in_proj",), x).chunk(2, dim=-1)  # (B, E) each
+        xi, z = joint_linear(self, ("in_proj",), x, gain=gain).chunk(2, dim=-1)  # (B, E) each
         xc, conv_next = conv_step(xi, self.conv, conv_prev)
         xc = F.silu(xc)
         dt, Bm, Cm = self._selective(xc)  # (B, E), (B, N), (B, N)

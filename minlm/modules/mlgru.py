@@ -89,10 +89,11 @@ class MLGRU(TokenMixer):
         return self.o_proj(g * h)
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C): the recurrence's single step h = f h + (1 - f) c."""
         C = x.shape[-1]
-        fcg = joint_linear(self, ("f_proj", "cand_proj", "g_proj"), x)  # (B, 3C)
+        fcg = joint_linear(self, ("f_proj", "cand_proj", "g_proj"), x, gain=gain)  # (B, 3C)
         f, c, g = torch.sigmoid(fcg[:, :C]), F.silu(fcg[:, C:2 * C]), torch.sigmoid(fcg[:, 2 * C:])
         h = (1 - f) * c if cache.state is None else torch.addcmul((1 - f) * c, f, cache.state)
         cache.state = h  # (B, C)

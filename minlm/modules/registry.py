@@ -196,9 +196,14 @@ class TokenMixer(LoggingModule):
         return int(B * T * spec.flops(self.flops_config, T))
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C) -> (B, C), plus ``residual`` (B, C) if given (the block's stream, which a
-        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row."""
+        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row.
+        ``gain`` (C,) if given scales x first: the weight of the RMSNorm in front, which a fast
+        step folds into its input product (``fastpath.joint_linear``)."""
+        if gain is not None:
+            x = x * gain
         y = self.forward(x.unsqueeze(1), positions=positions, cache=cache).squeeze(1)
         return y if residual is None else residual + y
 
