@@ -61,5 +61,5 @@ def joint_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor,
 
 def _product(x, weight, bias, residual):
     if residual is None:
-        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+        return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
     return torch.addmm(residual if bias is None else residual + bias, x, weight)
