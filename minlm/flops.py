@@ -31,10 +31,19 @@ GPU_PEAKS = {
 
 
 def flops_per_token(cfg: ModelConfig, n_params_matmul: int | None = None) -> float:
-    """Training FLOPs (forward + backward) per token of context ``cfg.block_size``."""
+    """Training FLOPs (forward + backward) per token of context ``cfg.block_size``: three
+    forward passes' worth (the backward costs two)."""
+    return 3 * forward_flops_per_token(cfg, cfg.block_size, n_params_matmul)
+
+
+def forward_flops_per_token(cfg: ModelConfig, T: int,
+                            n_params_matmul: int | None = None) -> float:
+    """Forward FLOPs per token at context ``T``: 2 per matmul parameter plus the token
+    mixers' declared work (what a trace of a T-token forward shows as its total, but for the
+    parameters outside linear layers, which this PaLM-style count takes as matmul weights)."""
     if n_params_matmul is None:
         n_params_matmul = LM.count_params(cfg, matmul=True)  # lookups cost no matmul
-    return 6 * n_params_matmul + 3 * mixer_flops_per_token(cfg, cfg.block_size)
+    return 2 * n_params_matmul + mixer_flops_per_token(cfg, T)
 
 
 def mixer_flops_per_token(cfg: ModelConfig, T: int) -> float:

@@ -20,6 +20,7 @@ from minlm.modules import Block, LearnedPositions, MoE, make_norm
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.skips import unet_skips
 from minlm.modules.value_embed import ValueEmbeddings
+from minlm.modules.norm import split_step
 from minlm.tracing import Identity, LoggingModule
 
 # projections that write to the residual stream (mixer outputs, MLP or KAN down)
@@ -224,7 +225,8 @@ class LM(LoggingModule):
             x = block.step(x, positions, cache.layer(i), **_value_kwargs(values, i))
             self._skip_out(i, x, skips)
         cache.advance(1)
-        logits = joint_linear(self, ("head",), self.norm.step(x))  # (B, V)
+        h, gain = split_step(self.norm, x)
+        logits = joint_linear(self, ("head",), h, gain=gain)  # (B, V)
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)

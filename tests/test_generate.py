@@ -84,6 +84,25 @@ def test_cached_generation_equals_recomputation(variant):
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
 
 
+def test_fast_path_sees_norm_gains_and_weights_changed_after_decoding():
+    """LM.step folds each RMSNorm's gain into the joined weights of the product after it; a
+    gain or weight changed in place, or replaced, between generations (an optimizer step, a
+    load_state_dict) must be seen, not the stale joined copy."""
+    model = tiny()
+    prompt = torch.randint(0, 64, (2, 7))
+    run_stream(model, prompt, 5)  # builds the joined copies
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.mul_(1.5)  # in place: its version counter moves
+        model.blocks[1].norm2.weight.add_(0.3)
+        model.norm.weight.mul_(-1.0)
+        model.blocks[0].mixer.q_proj.weight.mul_(2.0)
+    model.blocks[1].norm1.weight = torch.nn.Parameter(torch.rand(32) + 0.5)  # replaced
+    ref_ids, ref_logits = run_stream(model, prompt, 5, use_cache=False)
+    ids, logits = run_stream(model, prompt, 5)
+    assert torch.equal(ids, ref_ids)
+    assert (logits - ref_logits).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("variant", ["gqa-rope", "alibi", "learned", "sliding-window", "mlgru",
                                      "softcap-moe-mqa"])
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -156,6 +156,25 @@ def test_declared_flops_match_the_flop_counter(name):
     assert counter.get_total_flops() == expected
 
 
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_trace_total_is_the_flops_estimate(name):
+    """A trace's whole-model FLOPs (linear layers plus each mixer's declared work: attention
+    maps, Mamba's and Griffin's convolutions) are minlm.flops' forward estimate, less 2 per
+    token for each parameter outside a linear layer's weight (norm gains, biases, conv taps,
+    decay tables), which the PaLM-style estimate counts as a matmul weight; that difference
+    stays under 10 % of the estimate."""
+    from minlm.flops import forward_flops_per_token
+
+    model = build("mixer", name, {})
+    B, T = 2, 16
+    total = model.trace(torch.randint(0, 64, (B, T))).rows[0].flops
+    estimate = B * T * forward_flops_per_token(model.config, T)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    outside = model.matmul_params() - linear
+    assert total == estimate - 2 * B * T * outside, (total, estimate, outside)
+    assert total >= 0.9 * estimate
+
+
 # --- cross-attention (standalone: queries from one sequence, keys/values from another) --------
 
 def test_cross_attention_shapes_mask_and_trace():

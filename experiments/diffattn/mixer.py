@@ -48,7 +48,7 @@ def _validate(cfg) -> None:
                 + 3 * cfg.n_heads * T)
 class DiffAttention(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C, H, D = cfg.dim, cfg.n_heads, cfg.head_size
         self.n_heads, self.head_dim = H, D
         self.q_proj = nn.Linear(C, H * D, bias=cfg.attn_bias)  # two halves of d per head

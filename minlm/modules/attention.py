@@ -72,7 +72,7 @@ class Attention(TokenMixer):
     """Causal self-attention; with a cache, keys and values are appended to a ``KVCache``."""
 
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C, H, K, D = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.window, self.softcap, self.layer_idx = cfg.window, cfg.attn_softcap, layer_idx
@@ -117,13 +117,14 @@ class Attention(TokenMixer):
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
              residual: torch.Tensor | None = None,
-             value_embed: torch.Tensor | None = None) -> torch.Tensor:
+             value_embed: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per row, x (B, C) -> (B, C), appending to ``cache``; the same
         computation as ``forward`` with q/k/v projected by one joined product and q and k
         rotated together. ``positions``: (1,) shared or (B, 1) per row."""
         B = x.shape[0]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x)  # (B, (H + 2K) D)
+        qkv = joint_linear(self, ("q_proj", "k_proj", "v_proj"), x, gain=gain)  # (B, (H + 2K) D)
         qk = qkv.narrow(1, 0, (H + K) * D).view(B, H + K, 1, D)  # (B, H+K, T=1, D)
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
@@ -178,8 +179,3 @@ class Attention(TokenMixer):
         mask = attention_mask(q_pos, k_pos, self.window, key_valid)
         scores = self.scores(scores.masked_fill(~mask, float("-inf")))
         return self.probs(torch.softmax(scores.float(), dim=-1).to(q.dtype))
-
-    def extra_flops(self, args, output) -> int:
-        x = args[0]
-        B, T = x.shape[0], x.shape[1]
-        return 4 * B * self.n_heads * T * T * self.head_dim  # scores and weighted sum

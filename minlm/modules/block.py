@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from minlm.errors import ConfigError
+from minlm.modules.norm import split_step
 from minlm.tracing import LoggingModule
 
 KEYWORDS = ("norm", "mixer", "attn", "mlp", "moe", "+")  # every other step names a mixer
@@ -151,13 +152,17 @@ def _in_slot(mixer_kwargs: dict, slot: int) -> dict:
                                                             "cache": cache.slot(slot)}
 
 
-def _one(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+def _one(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+         gain: torch.Tensor | None = None):
     """A position-wise module on one token (B, C): its ``step`` if it has one, else forward;
-    plus ``residual`` if given (a channel mixer's ``step`` takes it into its last product)."""
+    plus ``residual`` if given (a channel mixer's ``step`` takes it into its last product);
+    ``gain`` (C,) if given scales x first (a channel mixer's ``step`` folds it into its first)."""
     step = getattr(module, "step", None)
     if step is None:
-        y = module(x.unsqueeze(1)).squeeze(1)
+        y = module((x if gain is None else x * gain).unsqueeze(1)).squeeze(1)
         return y if residual is None else residual + y
+    if gain is not None:
+        return step(x, residual=residual, gain=gain)
     return step(x) if residual is None else step(x, residual=residual)
 
 
@@ -173,12 +178,15 @@ class PreNormBlock(LoggingModule):
         return x + self.mlp(self.norm2(x))
 
     def step(self, x: torch.Tensor, positions, cache, **mixer_kwargs) -> torch.Tensor:
-        """One token per row, x (B, C): the same computation through each module's ``step``;
+        """One token per row, x (B, C): the same computation through each module's ``step``,
+        each norm's gain folded into the product after it (``norm.split_step``);
         ``mixer_kwargs`` (a value embedding) go to the mixer, as in ``forward``."""
         parts = self._modules  # the same children as self.norm1 ..., without nn.Module's lookup
-        x = parts["mixer"].step(parts["norm1"].step(x), positions, cache, residual=x,
+        h, gain = split_step(parts["norm1"], x)
+        x = parts["mixer"].step(h, positions, cache, residual=x, gain=gain,
                                 **mixer_kwargs)  # x + ...
-        return _one(parts["mlp"], parts["norm2"].step(x), residual=x)
+        h, gain = split_step(parts["norm2"], x)
+        return _one(parts["mlp"], h, residual=x, gain=gain)
 
 
 class LayoutBlock(LoggingModule):

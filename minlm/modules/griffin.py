@@ -56,7 +56,7 @@ def _validate(cfg) -> None:
                 memory=lambda cfg, T: _sizes(cfg)[0] * (16 + 3 * (T - 1).bit_length()))
 class Griffin(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         E, K = _sizes(cfg)
         self.y_proj = nn.Linear(C, E, bias=cfg.attn_bias)
@@ -107,11 +107,12 @@ class Griffin(TokenMixer):
         return self.o_proj(y * h)
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C) -> (B, C), O(1) in the context."""
         conv_prev, h = cache.state if cache.state is not None else (None, None)
         E = self.decay.shape[0]
-        yx = joint_linear(self, ("y_proj", "x_proj"), x)  # (B, 2E)
+        yx = joint_linear(self, ("y_proj", "x_proj"), x, gain=gain)  # (B, 2E)
         xc, conv_next = conv_step(yx[:, E:], self.conv, conv_prev)
         a, scale = self._gates(xc)
         h = scale * xc if h is None else a * h + scale * xc  # (B, E)

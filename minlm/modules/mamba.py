@@ -88,7 +88,7 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
                 memory=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1] + 14 * _sizes(cfg)[0])
 class Mamba(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         E, N, K, R = _sizes(cfg)
         self.E, self.N, self.R = E, N, R
@@ -156,10 +156,11 @@ class Mamba(TokenMixer):
         return self.out_proj(self.gated(y * F.silu(z)))
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C): the recurrence's single step, O(1) in the context."""
         conv_prev, h = cache.state if cache.state is not None else (None, None)
-        xi, z = joint_linear(self, ("in_proj",), x).chunk(2, dim=-1)  # (B, E) each
+        xi, z = joint_linear(self, ("in_proj",), x, gain=gain).chunk(2, dim=-1)  # (B, E) each
         xc, conv_next = conv_step(xi, self.conv, conv_prev)
         xc = F.silu(xc)
         dt, Bm, Cm = self._selective(xc)  # (B, E), (B, N), (B, N)

@@ -61,7 +61,7 @@ class MLGRU(TokenMixer):
     """
 
     def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
+        super().__init__(cfg)
         C = cfg.dim
         self.layer_idx = layer_idx
         self.f_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
@@ -89,17 +89,12 @@ class MLGRU(TokenMixer):
         return self.o_proj(g * h)
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, x (B, C): the recurrence's single step h = f h + (1 - f) c."""
         C = x.shape[-1]
-        fcg = joint_linear(self, ("f_proj", "cand_proj", "g_proj"), x)  # (B, 3C)
+        fcg = joint_linear(self, ("f_proj", "cand_proj", "g_proj"), x, gain=gain)  # (B, 3C)
         f, c, g = torch.sigmoid(fcg[:, :C]), F.silu(fcg[:, C:2 * C]), torch.sigmoid(fcg[:, 2 * C:])
         h = (1 - f) * c if cache.state is None else torch.addcmul((1 - f) * c, f, cache.state)
         cache.state = h  # (B, C)
         return joint_linear(self, ("o_proj",), g * h, residual)
-
-    def extra_flops(self, args, output) -> int:
-        x = args[0]
-        B, T, C = x.shape
-        steps = max(1, (T - 1).bit_length())
-        return B * T * C * (8 + 3 * steps)  # gates, recurrence scan, output gating

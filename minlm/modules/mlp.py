@@ -52,12 +52,14 @@ class MLP(LoggingModule):
             h = self.act(self.up(x))  # (B, T, F)
         return self.drop(self.down(self.hidden(h)))
 
-    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per row, x (B, C), in eval mode: gate and up as one joined product; plus
-        ``residual`` if given, in the same product as ``down``."""
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row, x (B, C), in eval mode: gate and up as one joined product (with
+        ``gain`` (C,), if given, folded in: a preceding RMSNorm's weight); plus ``residual``
+        if given, in the same product as ``down``."""
         if self.gated:
-            g, u = joint_linear(self, ("gate", "up"), x).chunk(2, dim=-1)  # (B, F) each
+            g, u = joint_linear(self, ("gate", "up"), x, gain=gain).chunk(2, dim=-1)  # (B, F)
             h = self.act(g) * u
         else:
-            h = self.act(joint_linear(self, ("up",), x))  # (B, F)
+            h = self.act(joint_linear(self, ("up",), x, gain=gain))  # (B, F)
         return joint_linear(self, ("down",), h, residual)

@@ -37,6 +37,14 @@ class RMSNorm(LoggingModule):
             return x.mul(inv_rms).mul_(weight)  # (B, C)
         return self.forward(x)
 
+    def split_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoding: ``step(x)`` as (x / rms(x), gain) for the next product to fold the gain
+        into its weights (``fastpath.joint_linear``); (``step(x)``, None) where it cannot."""
+        weight = self._parameters["weight"]
+        if weight is not None and weight.dtype == x.dtype == torch.float32:
+            return x * x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_(), weight
+        return self.step(x), None
+
 
 class LayerNorm(LoggingModule):
     """LayerNorm with optional bias (GPT-2 has one, many newer models drop it)."""
@@ -74,6 +82,13 @@ class CosineNorm(LoggingModule):
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "cosinenorm": CosineNorm}
+
+
+def split_step(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token of ``norm`` as (output without the gain, gain to fold into the next product)
+    where the norm can split so (an fp32 RMSNorm), else (its whole output, None)."""
+    split = getattr(norm, "split_step", None)
+    return split(x) if split is not None else (norm.step(x), None)
 
 
 def make_norm(cfg, dim: int | None = None) -> LoggingModule:

@@ -20,7 +20,8 @@ registration declares what every path needs, so nothing else in ``minlm`` lists 
   backward (its input included), checked within 10 % of a measurement by the tests;
 - ``validate(cfg)``: extra checks with the same clear errors as the config's own.
 
-Mixers are built as ``cls(cfg, layer_idx)`` and called as ``mixer(x, positions=, cache=,
+Mixers are built as ``cls(cfg, layer_idx)`` (passing ``cfg`` on to ``TokenMixer.__init__``,
+which makes a trace count the declared ``flops``) and called as ``mixer(x, positions=, cache=,
 key_valid=)``; for one-token decoding they may define ``step(x, positions, cache)`` beside
 ``forward`` (``TokenMixer.step`` falls back to ``forward`` on a one-token sequence).
 """
@@ -129,6 +130,13 @@ def mixer_spec(name: str, field_name: str = "mixer") -> MixerSpec:
     return spec
 
 
+def registration(cls: type) -> MixerSpec | None:
+    """The token mixer registration of ``cls`` or of the nearest registered class it derives
+    from (None if there is none)."""
+    by_class = {spec.cls: spec for spec in _MIXERS.values()}
+    return next((by_class[c] for c in cls.__mro__ if c in by_class), None)
+
+
 def channel_mixer_spec(name: str, field_name: str = "mlp") -> ChannelMixerSpec:
     table = channel_mixers()
     if name not in table:
@@ -173,10 +181,29 @@ class TokenMixer(LoggingModule):
     registry-generated tests prove the override equal to ``forward``.
     """
 
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.flops_config = cfg  # what the registration's ``flops(cfg, T)`` reads
+
+    def extra_flops(self, args: tuple, output: Any) -> int:
+        """The registration's ``flops(cfg, T)`` for each of this call's B x T tokens, so a
+        trace shows the figure MFU counts; 0 for a mixer built without its config."""
+        spec = registration(type(self))
+        x = args[0] if args else None
+        if spec is None or self.flops_config is None or not isinstance(x, torch.Tensor):
+            return 0
+        B, T = x.shape[0], x.shape[1]
+        return int(B * T * spec.flops(self.flops_config, T))
+
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C) -> (B, C), plus ``residual`` (B, C) if given (the block's stream, which a
-        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row."""
+        fast step adds in its output product); ``positions`` (1,) shared or (B, 1) per row.
+        ``gain`` (C,) if given scales x first: the weight of the RMSNorm in front, which a fast
+        step folds into its input product (``fastpath.joint_linear``)."""
+        if gain is not None:
+            x = x * gain
         y = self.forward(x.unsqueeze(1), positions=positions, cache=cache).squeeze(1)
         return y if residual is None else residual + y
 
