@@ -41,7 +41,7 @@ from minlm.evaluate import evaluate_file
 from minlm.flops import flops_per_token
 from minlm.objectives import epochs_to_steps, pretraining_step_tokens
 from minlm.runs import load_run, read_configs, read_log
-from minlm.settings import canonical_item
+from minlm.settings import canonical_item, preset_config, take_preset
 from minlm.train import train
 
 HERE = Path(__file__).resolve().parent
@@ -77,13 +77,13 @@ def read_recipe(name: str, path: Path = RECIPES) -> tuple[str, list[str]]:
 def configs(preset: str, items: list[str], args, run_name: str) -> tuple[ModelConfig, TrainConfig]:
     """The configs of one entry: the overrides as ``python -m minlm train`` reads them, then
     the budget, the fixed evaluation slice and the target set by the harness."""
-    items = [canonical_item(i) for i in items]
+    preset, items = take_preset([canonical_item(i) for i in items], preset)
     model_items, train_items = split_overrides(items)
     for item in train_items:
         key = item.split("=", 1)[0]
         if key in OWNED:
             raise SystemExit(f"error: {item!r}: {key} is set by the speedrun; use {OWNED[key]}")
-    model_cfg = ModelConfig.from_preset(preset).with_overrides(model_items)
+    model_cfg = preset_config(preset, model_items)
     cfg = TrainConfig(preset=preset).with_overrides(train_items)
     step_tokens = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
     # a batch warm-up reads fewer tokens in its first steps: count them, so the budget is met

@@ -70,7 +70,10 @@ def cmd_train(args) -> int:
     from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import train
 
-    model_items, train_items = split_overrides(_settings(args))
+    from minlm.settings import preset_config, take_preset
+
+    args.preset, items = take_preset(_settings(args), args.preset)
+    model_items, train_items = split_overrides(items)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
@@ -78,7 +81,7 @@ def cmd_train(args) -> int:
         train_cfg = saved_train.replace(resume=True, overwrite=False).with_overrides(train_items)
         model_cfg = model_cfg.with_overrides(model_items)
     else:
-        model_cfg = ModelConfig.from_preset(args.preset or "llama-1m").with_overrides(model_items)
+        model_cfg = preset_config(args.preset or "llama-1m", model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
     if train_cfg.init_from and args.preset is None:  # a continuation keeps the parent's model
         model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir))[0]
@@ -113,6 +116,7 @@ def cmd_search(args) -> int:
 
     from minlm.config import ConfigError, ModelConfig, TrainConfig, check_folder_name
     from minlm.search import grid, search
+    from minlm.settings import preset_config, take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
     tpe = args.sampler == "tpe"
@@ -122,7 +126,9 @@ def cmd_search(args) -> int:
     # key=a,b,c is an axis of the grid (a choice for tpe); key=lo:hi[:log] a range (tpe only);
     # key=a a fixed setting
     fixed, axes, ranges = [], {}, {}
-    for item in args.overrides:
+    args.preset, overrides = take_preset(list(args.overrides), args.preset)
+    args.preset = args.preset or "llama-1m"
+    for item in overrides:
         value = item.partition("=")[2]
         if _is_range(value):
             if not tpe:
@@ -135,8 +141,7 @@ def cmd_search(args) -> int:
             fixed.append(item)
     varied = {**axes, **ranges}
     model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in varied.items()])
-    model_cfg = ModelConfig.from_preset(args.preset).with_overrides(
-        [i for i in model_items if _key(i) not in varied])
+    model_cfg = preset_config(args.preset, [i for i in model_items if _key(i) not in varied])
     train_cfg = TrainConfig(preset=args.preset).with_overrides(
         [i for i in train_items if _key(i) not in varied])
     owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in varied}
@@ -478,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidates: key=a,b,c is a choice, key=lo:hi or key=lo:hi:log a range. "
                         "Every trial is a run under out_dir/NAME/; the table (best first) is "
                         "printed and saved with a plot.")
-    se.add_argument("--preset", default="llama-1m", help="base model preset")
+    se.add_argument("--preset", default=None, help="base model preset (default llama-1m)")
     se.add_argument("--name", default="search", help="folder under out_dir for the trials")
     se.add_argument("--memory", default=None, help="peak memory budget per trial, e.g. 4GB")
     se.add_argument("--compute", type=float, default=None,

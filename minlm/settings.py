@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from minlm.config import ConfigError
+from minlm.config import ConfigError, ModelConfig
+from minlm.modules import registry
 
 # the seed scripts' name -> minlm's field (ModelConfig or TrainConfig)
 ALIASES = {
@@ -88,3 +89,26 @@ def read_config_file(path: str | Path) -> list[str]:
         else:
             flat[key] = value
     return [f"{k}={_as_text(v)}" for k, v in flat.items()]
+
+
+def take_preset(items: list[str], preset: str | None) -> tuple[str | None, list[str]]:
+    """``preset=NAME`` among key=value settings names the model preset, as ``--preset`` does.
+
+    Why: ``preset`` is also TrainConfig's record of the preset, so without this a run given
+    ``preset=mamba-1m`` silently built the default model and recorded ``llama-1m``.
+    """
+    named = [i.partition("=")[2] for i in items if i.partition("=")[0] == "preset"]
+    rest = [i for i in items if i.partition("=")[0] != "preset"]
+    if named and preset and named[-1] != preset:
+        raise ConfigError(f"--preset {preset} and preset={named[-1]} disagree: give one of them")
+    return (named[-1] if named else preset), rest
+
+
+def preset_config(preset: str, model_items: list[str]) -> ModelConfig:
+    """The preset with key=value model settings on top; an ``experiment=`` among them is
+    loaded first, because the presets it adds (``diffattn-1m``) exist only then."""
+    for item in model_items:
+        key, _, value = item.partition("=")
+        if key == "experiment" and value:
+            registry.load_experiment(value)
+    return ModelConfig.from_preset(preset).with_overrides(model_items)

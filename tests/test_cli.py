@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,29 @@ def test_tokenizer_subcommand_and_module_run_the_same_function(tmp_path):
     p = _run("tokenizer", "measure", str(tmp_path / "missing.txt"), "tinystories-512")
     assert p.returncode == 2
     assert p.stderr == f"error: data file {tmp_path / 'missing.txt'} does not exist\n"
+
+
+def _dry_run(*args) -> dict:
+    out = subprocess.run([sys.executable, "-m", "minlm", "train", *args, "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_preset_given_as_a_setting_builds_that_model():
+    """``preset=mamba-1m`` like any other key=value used to build the default llama model
+    (preset is also TrainConfig's record field) and record llama-1m."""
+    resolved = _dry_run("preset=mamba-1m")
+    assert resolved["model"]["mixer"] == "mamba" and resolved["train"]["preset"] == "mamba-1m"
+
+
+def test_an_experiments_preset_is_found_once_the_experiment_is_named():
+    resolved = _dry_run("--preset", "diffattn-1m", "experiment=diffattn")
+    assert resolved["model"]["mixer"] == "diffattn"
+
+
+def test_two_different_presets_are_refused():
+    out = subprocess.run([sys.executable, "-m", "minlm", "train", "--preset", "griffin-1m",
+                          "preset=mamba-1m", "--dry-run"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "disagree" in out.stderr
