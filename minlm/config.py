@@ -451,6 +451,9 @@ class TrainConfig(_Serialisable):
     # schedule="wsd" (warm-up, stable, decay): the last decay_frac of the run decays linearly
     decay_frac: float = 0.2
     optimizer: Optimizer = "adamw"
+    # learning rate of the matrices outside the blocks (embeddings, an untied head) as a
+    # multiple of lr: at 1M parameters with a 4096 vocabulary they are half the model
+    embed_lr_mult: float = 1.0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -500,6 +503,7 @@ class TrainConfig(_Serialisable):
         self._require(("decay_frac",), lambda v: 0 < v <= 1,
                       "must be in (0, 1]: the share of the run (after warm-up) spent decaying")
         self._require(("weight_decay",), lambda v: v >= 0, "must be >= 0")
+        self._require(("embed_lr_mult",), lambda v: v > 0, "must be > 0")
         self._require(("target_bpb", "stop_at_bpb"), lambda v: v >= 0,
                       "must be >= 0 (validation bits per byte; 0 means off)")
         for name in ("beta1", "beta2"):

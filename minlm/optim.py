@@ -136,14 +136,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     hidden, other, vectors = _split_params(model)
     fused = {"fused": True} if device.type == "cuda" else {}
     betas = (cfg.beta1, cfg.beta2)
+    embed = {"params": other, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.embed_lr_mult}
     if cfg.optimizer == "adamw":
-        groups = [{"params": hidden + other, "weight_decay": cfg.weight_decay},
-                  {"params": vectors, "weight_decay": 0.0}]
+        # one group for all matrices unless their rates differ (checkpoints keep their layout)
+        matrices = ([{"params": hidden + other, "weight_decay": cfg.weight_decay}]
+                    if cfg.embed_lr_mult == 1 else [{"params": hidden, "weight_decay": cfg.weight_decay}, embed])
+        groups = [*matrices, {"params": vectors, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, **fused)
     else:
         muon = _muon(hidden, cfg, device)
-        adam = torch.optim.AdamW([{"params": other, "weight_decay": cfg.weight_decay},
-                                  {"params": vectors, "weight_decay": 0.0}],
+        adam = torch.optim.AdamW([embed, {"params": vectors, "weight_decay": 0.0}],
                                  lr=cfg.lr, betas=betas, **fused)
         opt = MultiOptimizer([muon, adam])
     for g in opt.param_groups:

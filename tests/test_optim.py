@@ -68,3 +68,26 @@ def test_muon_takes_only_linear_weights_of_blocks():
     assert not any(n.endswith("A_log") for n in hidden_names)
     assert any(names[id(p)].endswith("A_log") for p in other)
     assert hidden_names and all(n.endswith(".weight") for n in hidden_names)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embed_lr_mult_scales_only_the_matrices_outside_the_blocks(optimizer):
+    """The token embedding gets lr x embed_lr_mult, block matrices and vectors get lr, and the
+    schedule scales every group by one factor (so the ratio holds through warm-up and decay)."""
+    from minlm.optim import _split_params, set_lr
+
+    model = LM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, block_size=8))
+    cfg = TrainConfig(optimizer=optimizer, lr=0.01, embed_lr_mult=3.0)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    hidden, _, vectors = _split_params(model)
+    for lr in (0.01, 0.005):  # the base rate, then a point of the schedule
+        set_lr(opt, lr, cfg.lr)
+        lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert lr_of[id(model.embed.weight)] == pytest.approx(3 * lr)
+        assert [lr_of[id(p)] for p in hidden + vectors] == pytest.approx([lr] * len(hidden + vectors))
+
+
+def test_default_embed_lr_keeps_the_adamw_group_layout_of_older_checkpoints():
+    model = LM(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, block_size=8))
+    opt = make_optimizer(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
