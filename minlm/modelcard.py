@@ -70,6 +70,8 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
         rows += [(f"bits per byte on `{Path(eval_file).name}` (every token)",
                   f"**{res.bits_per_byte:.4f}**"),
                  ("top-1 / top-5 accuracy", f"{res.accuracy[1]:.3f} / {res.accuracy[5]:.3f}")]
+    if meta.get("command"):
+        rows.append(("trained with", f"`{meta['command']}`"))
     rows.append(("status", meta.get("status", "")))
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Samples", "", "Temperature 0.7, min-p 0.05, seed "

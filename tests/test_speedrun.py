@@ -153,3 +153,45 @@ def test_the_token_budget_counts_a_batch_warm_up_smaller_first_batches():
     full = cfg.batch_size * model_cfg.block_size
     read = sum(first) + (cfg.max_iters - len(first)) * full
     assert 3_000_000 <= read < 3_000_000 + full
+
+
+def test_ship_copies_a_finished_run_into_the_zoo_with_a_measured_card(tmp_path, shared_data):
+    """bench/ship.py, run as a person runs it: the zoo folder is the run without checkpoints,
+    named as asked, loadable, with a card that names the command and measures bits per byte;
+    shipping again replaces it."""
+    from minlm.runs import absolute_paths, load_run
+
+    out = speedrun(tmp_path, "--target", "5", "--tokens", "1K")
+    assert out.returncode == 0, out.stderr
+    [row] = rows(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    zoo = tmp_path / "zoo"
+    for _ in range(2):
+        ship = subprocess.run([sys.executable, str(REPO / "bench" / "ship.py"), row["run_dir"],
+                               "tiny-zoo", "--zoo", str(zoo), "--command", "python train.py x=1"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert ship.returncode == 0, ship.stderr
+    assert sorted(p.name for p in zoo.iterdir()) == ["tiny-zoo"]
+    shipped = zoo / "tiny-zoo"
+    assert not list(shipped.glob("checkpoint-*")) and (shipped / "model.safetensors").exists()
+    card = (shipped / "README.md").read_text()
+    assert card.startswith("# tiny-zoo\n") and "| trained with | `python train.py x=1` |" in card
+    assert "bits per byte on `valid.txt` (every token)" in card
+    _, train_cfg, meta = read_configs(shipped)
+    assert train_cfg.run_name == "tiny-zoo" and meta["command"] == "python train.py x=1"
+    assert not absolute_paths(json.loads((shipped / "train_config.json").read_text()))
+    assert load_run(shipped).model.num_params() == meta["params"]
+
+
+def test_ship_refuses_a_run_that_did_not_finish(tmp_path, shared_data):
+    out = speedrun(tmp_path, "--target", "5", "--tokens", "1K")
+    run_dir = Path(rows(tmp_path)[0]["run_dir"])
+    config = json.loads((run_dir / "train_config.json").read_text())
+    config["meta"]["status"] = "failed: loss is NaN"
+    (run_dir / "train_config.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ship = subprocess.run([sys.executable, str(REPO / "bench" / "ship.py"), str(run_dir), "x",
+                           "--zoo", str(tmp_path / "zoo")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert ship.returncode != 0 and "did not finish" in ship.stderr
+    assert not (tmp_path / "zoo" / "x").exists()
