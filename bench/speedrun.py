@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 from minlm import ModelConfig, TrainConfig
-from minlm.cli import _count, split_overrides
+from minlm.cli import _count
 from minlm.data import resolve_text_files
 from minlm.errors import report_errors
 from minlm.evaluate import evaluate_file
 from minlm.flops import flops_per_token
 from minlm.objectives import epochs_to_steps, pretraining_step_tokens
 from minlm.runs import load_run, read_configs, read_log
-from minlm.settings import canonical_item, preset_config, take_preset
+from minlm.settings import canonical_item, preset_config, route_items, take_preset
 from minlm.train import train
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def configs(preset: str, items: list[str], args, run_name: str) -> tuple[ModelCo
     """The configs of one entry: the overrides as ``python -m minlm train`` reads them, then
     the budget, the fixed evaluation slice and the target set by the harness."""
     preset, items = take_preset([canonical_item(i) for i in items], preset)
-    model_items, train_items = split_overrides(items)
+    model_items, train_items = route_items(items)
     for item in train_items:
         key = item.split("=", 1)[0]
         if key in OWNED:

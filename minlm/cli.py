@@ -37,32 +37,6 @@ def cmd_trace(args) -> None:
     print(t.format(stats=not args.no_stats, max_depth=args.depth))
 
 
-def _key(item: str) -> str:
-    """The setting a ``key=value`` override names, as the configs spell it."""
-    return item.split("=", 1)[0].strip().replace("-", "_")
-
-
-def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    """Route each ``key=value`` to ModelConfig or TrainConfig; unknown keys list both."""
-    from minlm.config import ConfigError, ModelConfig, TrainConfig
-
-    model_keys, train_keys = set(ModelConfig.field_names()), set(TrainConfig.field_names())
-    model_items, train_items = [], []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key = _key(item)
-        if key in model_keys:
-            model_items.append(item)
-        elif key in train_keys:
-            train_items.append(item)
-        else:
-            raise ConfigError(
-                f"unknown setting {key!r}; model settings: {', '.join(ModelConfig.field_names())}; "
-                f"training settings: {', '.join(TrainConfig.field_names())}")
-    return model_items, train_items
-
-
 def cmd_train(args) -> int:
     from pathlib import Path
 
@@ -70,10 +44,10 @@ def cmd_train(args) -> int:
     from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import train
 
-    from minlm.settings import preset_config, take_preset
+    from minlm.settings import preset_config, route_items, take_preset
 
     args.preset, items = take_preset(_settings(args), args.preset)
-    model_items, train_items = split_overrides(items)
+    model_items, train_items = route_items(items)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
@@ -114,43 +88,17 @@ def _report_result(result, verbose: bool, resume_hint: str) -> int:
 def cmd_search(args) -> int:
     import pandas as pd
 
-    from minlm.config import ConfigError, ModelConfig, TrainConfig, check_folder_name
-    from minlm.search import grid, search
-    from minlm.settings import preset_config, take_preset
+    from minlm.config import ConfigError, check_folder_name
+    from minlm.search import grid, parse_space, search
+    from minlm.settings import take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
     tpe = args.sampler == "tpe"
     if args.trials is not None and not tpe:
         raise ConfigError(f"--trials {args.trials} sets how many candidates --sampler tpe draws; "
                           "a grid tries each combination once (add --sampler tpe)")
-    # key=a,b,c is an axis of the grid (a choice for tpe); key=lo:hi[:log] a range (tpe only);
-    # key=a a fixed setting
-    fixed, axes, ranges = [], {}, {}
-    args.preset, overrides = take_preset(list(args.overrides), args.preset)
-    args.preset = args.preset or "llama-1m"
-    for item in overrides:
-        value = item.partition("=")[2]
-        if _is_range(value):
-            if not tpe:
-                raise ConfigError(f"{item!r} is a range; ranges need --sampler tpe (a grid "
-                                  "takes key=a,b,c)")
-            ranges[_key(item)] = value.split(":")
-        elif "," in value:
-            axes[_key(item)] = [v.strip() for v in value.split(",")]
-        else:
-            fixed.append(item)
-    varied = {**axes, **ranges}
-    model_items, train_items = split_overrides(fixed + [f"{k}={v[0]}" for k, v in varied.items()])
-    model_cfg = preset_config(args.preset, [i for i in model_items if _key(i) not in varied])
-    train_cfg = TrainConfig(preset=args.preset).with_overrides(
-        [i for i in train_items if _key(i) not in varied])
-    owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in varied}
-
-    def parse(key: str, value: str):  # each value parsed and checked by its config
-        return getattr(owner[key].with_overrides([f"{key}={value}"]), key)
-
-    typed = {k: [parse(k, v) for v in vals] for k, vals in axes.items()}
-    typed.update({k: (parse(k, v[0]), parse(k, v[1]), *v[2:]) for k, v in ranges.items()})
+    preset, overrides = take_preset(list(args.overrides), args.preset)
+    model_cfg, train_cfg, typed = parse_space(overrides, preset or "llama-1m", tpe)
     common = dict(memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
                   compute_budget=args.compute, max_params=args.max_params, pruner=args.pruner,
                   sampler=args.sampler)
@@ -175,18 +123,6 @@ def cmd_search(args) -> int:
     print(f"best: {best.name} ({best.params:,} params, val bpb {best.val_bpb:.4f}) in "
           f"{best.run_dir}")
     return 0
-
-
-def _is_range(value: str) -> bool:
-    """``lo:hi`` or ``lo:hi:log`` with numeric ends (``data=hf:owner/name`` is no range)."""
-    parts = value.split(":")
-    if len(parts) not in (2, 3) or parts[2:] not in ([], ["log"]):
-        return False
-    try:
-        float(parts[0]), float(parts[1])
-    except ValueError:
-        return False
-    return True
 
 
 def _sampling(args) -> dict:

@@ -61,21 +61,22 @@ def grid(**axes: Sequence) -> list[dict]:
 
 
 def random_candidates(n: int, seed: int = 0, **space) -> list[dict]:
-    """``n`` random candidates: a list/tuple of values is a choice; ``("log", lo, hi)`` or
-    ``("uniform", lo, hi)`` a continuous range (ints stay ints when both ends are ints)."""
-    _check_fields(space)
+    """``n`` random candidates from a space spelled as for TPE (``check_space``): a list is a
+    choice, ``(lo, hi)`` a uniform range and ``(lo, hi, "log")`` a log-uniform one (ints stay
+    ints when both ends are ints)."""
+    check_space(space)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         cand = {}
         for name, spec in space.items():
-            if isinstance(spec, tuple) and spec and spec[0] in ("log", "uniform"):
-                kind, lo, hi = spec
-                v = (math.exp(rng.uniform(math.log(lo), math.log(hi))) if kind == "log"
-                     else rng.uniform(lo, hi))
-                cand[name] = round(v) if isinstance(lo, int) and isinstance(hi, int) else v
-            else:
-                cand[name] = rng.choice(list(spec))
+            if isinstance(spec, list):
+                cand[name] = rng.choice(spec)
+                continue
+            lo, hi = spec[:2]
+            v = (math.exp(rng.uniform(math.log(lo), math.log(hi))) if spec[2:] == ("log",)
+                 else rng.uniform(lo, hi))
+            cand[name] = round(v) if isinstance(lo, int) and isinstance(hi, int) else v
         out.append(cand)
     return out
 
@@ -85,6 +86,53 @@ def _check_fields(fields: dict) -> None:
     if unknown:
         raise ValueError(f"unknown config field(s) to search: {', '.join(unknown)}; any field of "
                          "ModelConfig or TrainConfig can be searched")
+
+
+def parse_space(items: list[str], preset: str, tpe: bool) -> tuple[ModelConfig, TrainConfig, dict]:
+    """The search ``python -m minlm search`` is given as ``key=value`` items: ``key=a,b,c`` is
+    an axis of the grid (a choice for TPE), ``key=lo:hi[:log]`` a range (TPE only), ``key=a``
+    a fixed setting. Returns the base configs (the fixed settings on ``preset``) and the space
+    with every value parsed and checked by the config that owns its field."""
+    from minlm.config import ConfigError
+    from minlm.settings import item_key, preset_config, route_items
+
+    fixed, axes, ranges = [], {}, {}
+    for item in items:
+        value = item.partition("=")[2]
+        if _is_range(value):
+            if not tpe:
+                raise ConfigError(f"{item!r} is a range; ranges need --sampler tpe (a grid "
+                                  "takes key=a,b,c)")
+            ranges[item_key(item)] = value.split(":")
+        elif "," in value:
+            axes[item_key(item)] = [v.strip() for v in value.split(",")]
+        else:
+            fixed.append(item)
+    varied = {**axes, **ranges}
+    model_items, train_items = route_items(fixed + [f"{k}={v[0]}" for k, v in varied.items()])
+    model_cfg = preset_config(preset, [i for i in model_items if item_key(i) not in varied])
+    train_cfg = TrainConfig(preset=preset).with_overrides(
+        [i for i in train_items if item_key(i) not in varied])
+    owner = {k: model_cfg if k in ModelConfig.field_names() else train_cfg for k in varied}
+
+    def parse(key: str, value: str):
+        return getattr(owner[key].with_overrides([f"{key}={value}"]), key)
+
+    space = {k: [parse(k, v) for v in vals] for k, vals in axes.items()}
+    space.update({k: (parse(k, v[0]), parse(k, v[1]), *v[2:]) for k, v in ranges.items()})
+    return model_cfg, train_cfg, space
+
+
+def _is_range(value: str) -> bool:
+    """``lo:hi`` or ``lo:hi:log`` with numeric ends (``data=hf:owner/name`` is no range)."""
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or parts[2:] not in ([], ["log"]):
+        return False
+    try:
+        float(parts[0]), float(parts[1])
+    except ValueError:
+        return False
+    return True
 
 
 def check_space(space: dict) -> None:

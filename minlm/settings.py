@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from minlm.config import ConfigError, ModelConfig
+from minlm.config import ConfigError, ModelConfig, TrainConfig
 from minlm.modules import registry
 
 # the seed scripts' name -> minlm's field (ModelConfig or TrainConfig)
@@ -112,3 +112,28 @@ def preset_config(preset: str, model_items: list[str]) -> ModelConfig:
         if key == "experiment" and value:
             registry.load_experiment(value)
     return ModelConfig.from_preset(preset).with_overrides(model_items)
+
+
+def item_key(item: str) -> str:
+    """The setting a ``key=value`` item names, as the configs spell it."""
+    return item.split("=", 1)[0].strip().replace("-", "_")
+
+
+def route_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """(ModelConfig items, TrainConfig items) of ``key=value`` items; an unknown key is an
+    error that lists both configs' fields."""
+    model_keys, train_keys = set(ModelConfig.field_names()), set(TrainConfig.field_names())
+    model_items, train_items = [], []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item_key(item)
+        if key in model_keys:
+            model_items.append(item)
+        elif key in train_keys:
+            train_items.append(item)
+        else:
+            raise ConfigError(
+                f"unknown setting {key!r}; model settings: {', '.join(ModelConfig.field_names())}; "
+                f"training settings: {', '.join(TrainConfig.field_names())}")
+    return model_items, train_items

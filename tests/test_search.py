@@ -13,7 +13,7 @@ import pytest
 from minlm import ModelConfig, TrainConfig
 from minlm.flops import flops_per_token
 from minlm.search import (_rungs, grid, measure_step_memory, parse_bytes, random_candidates,
-                          search, split_overrides, steps_for_compute)
+                          parse_space, search, split_overrides, steps_for_compute)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,10 +37,12 @@ def base_cfgs(tmp_path, **train):
 
 def test_candidates_and_overrides():
     assert grid(dim=[32, 64], lr=[1e-3]) == [{"dim": 32, "lr": 1e-3}, {"dim": 64, "lr": 1e-3}]
-    cands = random_candidates(5, seed=1, n_layers=[1, 2], lr=("log", 1e-4, 1e-2), dim=("uniform", 16, 64))
+    cands = random_candidates(5, seed=1, n_layers=[1, 2], lr=(1e-4, 1e-2, "log"), dim=(16, 64))
     assert len(cands) == 5 and all(1e-4 <= c["lr"] <= 1e-2 and isinstance(c["dim"], int) for c in cands)
-    assert cands == random_candidates(5, seed=1, n_layers=[1, 2], lr=("log", 1e-4, 1e-2),
-                                      dim=("uniform", 16, 64))
+    assert cands == random_candidates(5, seed=1, n_layers=[1, 2], lr=(1e-4, 1e-2, "log"),
+                                      dim=(16, 64))
+    with pytest.raises(ValueError, match="space\\['lr'\\]=\\('log', 0.0001, 0.01\\) is invalid"):
+        random_candidates(2, lr=("log", 1e-4, 1e-2))  # the old spelling: one spelling for ranges
     m, t = split_overrides({"dim": 48, "lr": 1e-2}, ModelConfig(), TrainConfig())
     assert (m.dim, t.lr) == (48, 1e-2)
     with pytest.raises(ValueError, match="unknown config field.*widht"):
@@ -391,3 +393,20 @@ def test_search_command_samples_with_tpe_and_hyperband(tmp_path, shared_data, ca
     assert main(["search", "--name", "g", "--sampler", "tpe", "--pruner", "nope",
                  "--trials", "1", "lr=1e-3:1e-2", *tiny]) == 2
     assert "pruner='nope' is invalid: use one of halving, hyperband" in capsys.readouterr().err
+
+
+def test_parse_space_reads_axes_ranges_and_fixed_settings_through_the_configs():
+    """What ``python -m minlm search`` is given on its command line, parsed in one place."""
+    from minlm.config import ConfigError
+
+    model_cfg, train_cfg, space = parse_space(
+        ["lr=1e-3:1e-2:log", "dim=64,128", "n_layers=2", "batch_size=8", "activation=gelu,relu2"],
+        "llama-1m", tpe=True)
+    assert (model_cfg.n_layers, model_cfg.vocab_size, train_cfg.batch_size) == (2, 2048, 8)
+    assert space == {"dim": [64, 128], "activation": ["gelu", "relu2"], "lr": (1e-3, 1e-2, "log")}
+    random_candidates(3, **space)  # the one spelling TPE and random draws share
+    assert parse_space(["data=hf:owner/name"], "llama-1m", tpe=False)[1].data == "hf:owner/name"
+    with pytest.raises(ConfigError, match="ranges need --sampler tpe"):
+        parse_space(["lr=1e-3:1e-2"], "llama-1m", tpe=False)
+    with pytest.raises(ConfigError, match="dim"):
+        parse_space(["dim=64,wide"], "llama-1m", tpe=False)
