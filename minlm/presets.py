@@ -37,6 +37,11 @@ for _suffix, _size in _SIZES.items():
 for _suffix, _size in _SIZES.items():
     PRESETS[f"llama-{_suffix}"] = _sized(_LLAMA, _size, gqa=True)
 
+# The seed author's series of three ~0.5M-parameter shapes, for one recipe and budget: short and
+# thick (2 layers of 128), medium (llama-0.5m itself: 4 of 96), tall and skinny (9 of 64).
+PRESETS["llama-0.5m-short"] = dict(PRESETS["llama-0.5m"], dim=128, n_layers=2)
+PRESETS["llama-0.5m-tall"] = dict(PRESETS["llama-0.5m"], dim=64, n_layers=9)
+
 # Grok-1 as minGrok (evintunador) published it at ~1M: extra post-attention / post-MoE norms,
 # 4 GeGLU experts of width 2*dim with top-2 routing, multi-query attention with tanh-capped
 # scores (30), RoPE theta 100, embeddings scaled by sqrt(dim). Vocab 512 (minGrok: 128 chars).
