@@ -122,7 +122,8 @@ def hardware(device: torch.device) -> str:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {torch.get_num_threads()} threads ({device.type})"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'' if threads == 1 else 's'} ({device.type})"
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -224,9 +224,11 @@ SHIPPED_LOGITS = Path(__file__).parent / "golden" / "shipped_logits.safetensors"
 
 
 def test_shipped_models_give_the_logits_recorded_before_the_registry():
-    """tests/golden/shipped_logits.safetensors was written on main before the mixer registry
-    renamed parameters (blocks.N.attn -> blocks.N.mixer, MLGRU c_proj -> cand_proj): every
-    shipped run still loads (through the key remap) and gives the same logits."""
+    """tests/golden/shipped_logits.safetensors holds each shipped model's logits as recorded
+    when it was shipped (``tests/golden/record_shipped_logits.py``); the models shipped before
+    the mixer registry renamed parameters (blocks.N.attn -> blocks.N.mixer, MLGRU c_proj ->
+    cand_proj) load through the key remap. A change of the forward that moves a shipped
+    model's logits fails here."""
     from safetensors.torch import load_file
 
     from minlm.runs import load_run

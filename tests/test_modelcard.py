@@ -29,7 +29,7 @@ def test_story_card(run_dir, shared_data, tmp_path):
     assert f"A {run.model.num_params():,}-parameter `llama-1m` model" in text
     bpb = evaluate_file(run.model, run.tokenizer, valid).bits_per_byte
     assert f"| bits per byte on `valid.txt` (every token) | **{bpb:.4f}** |" in text
-    assert "| steps | 6 |" in text and "threads (cpu) |" in text
+    assert "| steps | 6 |" in text and ("threads (cpu) |" in text or "1 thread (cpu) |" in text)
     assert len(re.findall(r"^> \*\*", text, flags=re.M)) == 3  # three samples
 
 
@@ -41,3 +41,18 @@ def test_chat_card_shows_conversations(run_dir, tmp_path):
     text = write_model_card(chat_dir, max_new_tokens=8).read_text()
     assert "Fine-tuned from `tiny`" in text
     assert text.count("> **User:**") == 3 and "python -m minlm chat tiny-sft" in text
+
+
+def test_hardware_names_the_cpu_threads_in_words():
+    import torch
+
+    from minlm.runs import hardware
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert hardware(torch.device("cpu")).endswith(", 1 thread (cpu)")
+        torch.set_num_threads(2)
+        assert hardware(torch.device("cpu")).endswith(", 2 threads (cpu)")
+    finally:
+        torch.set_num_threads(before)
