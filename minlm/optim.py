@@ -140,7 +140,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     if cfg.optimizer == "adamw":
         # one group for all matrices unless their rates differ (checkpoints keep their layout)
         matrices = ([{"params": hidden + other, "weight_decay": cfg.weight_decay}]
-                    if cfg.embed_lr_mult == 1 else [{"params": hidden, "weight_decay": cfg.weight_decay}, embed])
+                    if cfg.embed_lr_mult == 1
+                    else [{"params": hidden, "weight_decay": cfg.weight_decay}, embed])
         groups = [*matrices, {"params": vectors, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, **fused)
     else:

@@ -88,7 +88,8 @@ def _check_fields(fields: dict) -> None:
                          "ModelConfig or TrainConfig can be searched")
 
 
-def parse_space(items: list[str], preset: str, tpe: bool) -> tuple[ModelConfig, TrainConfig, dict]:
+def parse_space(items: list[str], preset: str,
+                tpe: bool) -> tuple[ModelConfig, TrainConfig, dict]:
     """The search ``python -m minlm search`` is given as ``key=value`` items: ``key=a,b,c`` is
     an axis of the grid (a choice for TPE), ``key=lo:hi[:log]`` a range (TPE only), ``key=a``
     a fixed setting. Returns the base configs (the fixed settings on ``preset``) and the space

@@ -37,7 +37,8 @@ def base_cfgs(tmp_path, **train):
 
 def test_candidates_and_overrides():
     assert grid(dim=[32, 64], lr=[1e-3]) == [{"dim": 32, "lr": 1e-3}, {"dim": 64, "lr": 1e-3}]
-    cands = random_candidates(5, seed=1, n_layers=[1, 2], lr=(1e-4, 1e-2, "log"), dim=(16, 64))
+    cands = random_candidates(5, seed=1, n_layers=[1, 2], lr=(1e-4, 1e-2, "log"),
+                              dim=(16, 64))
     assert len(cands) == 5 and all(1e-4 <= c["lr"] <= 1e-2 and isinstance(c["dim"], int) for c in cands)
     assert cands == random_candidates(5, seed=1, n_layers=[1, 2], lr=(1e-4, 1e-2, "log"),
                                       dim=(16, 64))
