@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from minlm.data import resolve_text_files
+from minlm.data import validation_file
 from minlm.errors import report_errors
 from minlm.fileio import atomic_write_text
 from minlm.modelcard import write_model_card
@@ -35,12 +35,7 @@ def ship(run_dir: Path, name: str, command: str = "", zoo: Path = ZOO,
     _, train_cfg, meta = read_configs(run_dir)
     if meta.get("status", "").split(":")[0] != "finished":
         raise SystemExit(f"error: {run_dir} did not finish (status: {meta.get('status', '?')!r})")
-    if valid is None:
-        val = resolve_text_files(train_cfg.data)[1]
-        if len(val) != 1:
-            raise SystemExit(f"error: data={train_cfg.data!r} has {len(val)} validation files; "
-                             "name the card's with --valid FILE")
-        valid = Path(val[0])
+    valid = valid or validation_file(train_cfg.data)
     staging = zoo / ".staging" / name  # the card reads the folder's name, so stage it by name
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

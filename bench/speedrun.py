@@ -35,7 +35,7 @@ import torch
 
 from minlm import ModelConfig, TrainConfig
 from minlm.cli import _count
-from minlm.data import resolve_text_files
+from minlm.data import validation_file
 from minlm.errors import report_errors
 from minlm.evaluate import evaluate_file
 from minlm.flops import flops_per_token
@@ -116,13 +116,7 @@ def command(label: str, preset: str, items: list[str], args) -> str:
 
 
 def valid_file(args, data: str) -> Path:
-    if args.valid:
-        return Path(args.valid)
-    val = resolve_text_files(data)[1]
-    if len(val) != 1:
-        raise SystemExit(f"error: data={data!r} has {len(val)} validation files; name the one to "
-                         "confirm on with --valid FILE")
-    return Path(val[0])
+    return Path(args.valid) if args.valid else validation_file(data)
 
 
 def run_entry(label: str, preset: str, items: list[str], args) -> dict:

@@ -155,6 +155,18 @@ def resolve_text_files(data: str, full: bool = False) -> tuple[list, list]:
                             f"nor an existing file or folder, nor a {HF_PREFIX}<dataset id>")
 
 
+
+def validation_file(data: str) -> Path:
+    """The one held-out text file of ``data`` (valid.txt for tinystories): what a final figure
+    or a model card is measured on. A dataset with none, or several, is refused by name."""
+    from minlm.config import ConfigError
+
+    val = resolve_text_files(data)[1]
+    if len(val) != 1:
+        raise ConfigError(f"data={data!r} has {len(val)} validation files; name the one to "
+                          "measure on (--valid FILE)")
+    return Path(val[0])
+
 def _prefix_file(url: str, full_path: Path) -> Path:
     """The first ``PREFIX_BYTES`` of ``url`` (cut after its last whole document), fetched
     once into ``<name>.first<N>MB<suffix>`` beside ``full_path`` and reused after; a file
