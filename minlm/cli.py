@@ -25,7 +25,7 @@ def cmd_trace(args) -> None:
         if args.overrides:
             raise ValueError(f"--run {args.run} traces the run as saved; drop the overrides "
                              f"{args.overrides}")
-        model, label = load_run(args.run).model, args.run
+        model, label = load_run(args.run, trust_experiment=args.trust_experiment).model, args.run
         cfg = model.config
     else:
         cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
@@ -51,18 +51,20 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
-        model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved
+        # resume with what the run saved
+        model_cfg, saved_train, _ = read_configs(run_dir, args.trust_experiment)
         train_cfg = saved_train.replace(resume=True, overwrite=False).with_overrides(train_items)
         model_cfg = model_cfg.with_overrides(model_items)
     else:
         model_cfg = preset_config(args.preset or "llama-1m", model_items)
         train_cfg = train_cfg.replace(preset=args.preset or "llama-1m")
     if train_cfg.init_from and args.preset is None:  # a continuation keeps the parent's model
-        model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir))[0]
+        model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir),
+                                 args.trust_experiment)[0]
         model_cfg = model_cfg.with_overrides(model_items)
     if args.dry_run:  # the resolved settings, before any check of the run folder
         return _dry_run(model=model_cfg, train=train_cfg)
-    result = train(model_cfg, train_cfg)
+    result = train(model_cfg, train_cfg, trust_experiment=args.trust_experiment)
     return _report_result(result, train_cfg.verbose,
                           f"continue it with: python -m minlm train run_name={result.run_dir.name} "
                           f"out_dir={result.run_dir.parent} resume=true")
@@ -125,6 +127,21 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _load_run(args):
+    """The command's run, through ``load_run``'s check of the experiment it records."""
+    from minlm.runs import load_run
+
+    return load_run(args.run, device=getattr(args, "device", "cpu"),
+                    trust_experiment=args.trust_experiment)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-experiment", action="store_true",
+                   help="import the experiment a run records even when it is a path or not "
+                   "found in the local experiment folders (that runs its code: only for runs "
+                   "you trust)")
+
+
 def _sampling(args) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
@@ -146,9 +163,8 @@ def show_tokens(tokenizer, ids: list[int], colour: bool) -> str:
 
 def cmd_generate(args) -> None:
     from minlm.generate import complete, stream
-    from minlm.runs import load_run
 
-    run = load_run(args.run, device=args.device)
+    run = _load_run(args)
     sampling = _sampling(args)
     if len(args.prompts) == 1 and not args.show_tokens:  # one prompt: stream it as it comes
         pieces = stream(run.model, run.tokenizer, args.prompts[0], args.max_new_tokens,
@@ -172,10 +188,9 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from minlm.generate import Chat
-    from minlm.runs import load_run
     from minlm.tokenizer import check_text
 
-    run = load_run(args.run, device=args.device)
+    run = _load_run(args)
     chat = Chat(run.model, run.tokenizer, system=args.system,
                 max_new_tokens=args.max_new_tokens, **_sampling(args))
     interactive = sys.stdin.isatty()
@@ -220,9 +235,8 @@ def _read_line() -> str:
 
 def cmd_eval(args) -> None:
     from minlm.evaluate import evaluate_file
-    from minlm.runs import load_run
 
-    run = load_run(args.run, device=args.device)
+    run = _load_run(args)
     result = evaluate_file(run.model, run.tokenizer, args.data, max_docs=args.max_docs,
                            batch_size=args.batch_size)
     print(f"{run.name} on {args.data}")
@@ -232,7 +246,8 @@ def cmd_eval(args) -> None:
 def cmd_card(args) -> None:
     from minlm.modelcard import write_model_card
 
-    path = write_model_card(args.run, args.eval, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    path = write_model_card(_load_run(args), args.eval, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
     print(f"wrote {path}")
 
 
@@ -248,7 +263,8 @@ def cmd_compare(args) -> None:
     print(f"wrote {args.out}")
     if args.prompts:
         samples = side_by_side(args.runs, args.prompts, args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed)
+                               temperature=args.temperature, seed=args.seed,
+                               trust_experiment=args.trust_experiment)
         for prompt, row in samples.iterrows():
             print(f"\n=== {prompt}")
             for run_name, text in row.items():
@@ -275,7 +291,8 @@ def _finetune(args, kind: str) -> int:
         return _dry_run(**{kind: cfg})
     if args.skip_invalid:
         cfg = cfg.replace(skip_invalid=True)
-    return _report_result(fn(args.run, config=cfg), cfg.verbose, "")
+    return _report_result(fn(args.run, config=cfg, trust_experiment=args.trust_experiment),
+                          cfg.verbose, "")
 
 
 def cmd_sft(args) -> int:
@@ -289,7 +306,8 @@ def cmd_dpo(args) -> int:
 def cmd_export(args) -> None:
     from minlm.export import export_run
 
-    out = export_run(args.run, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = export_run(_load_run(args), args.format, args.out, dtype=args.dtype,
+                     overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -402,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, default=None, help="deepest level of the tree shown")
     t.add_argument("--no-stats", action="store_true", help="hide min/mean/max of outputs")
     t.add_argument("overrides", nargs="*", help="ModelConfig overrides as key=value")
+    _add_trust_arg(t)
     t.set_defaults(func=cmd_trace)
 
     tr = sub.add_parser("train", help="train a model and write a run folder",
@@ -410,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
     tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
     _add_config_args(tr)
+    _add_trust_arg(tr)
     tr.set_defaults(func=cmd_train)
 
     se = sub.add_parser("search", help="grid or TPE search over config fields, with a memory "
@@ -448,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--brackets", action="store_true", help="with --show-tokens: never colour")
     g.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context every step (slow; for checking)")
+    _add_trust_arg(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="talk with a chat-tuned run in the terminal",
@@ -456,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="run name under trained_models/ or a run folder path")
     _add_sampling_args(c, temperature=0.7)
     c.add_argument("--system", default="", help="system message placed before the conversation")
+    _add_trust_arg(c)
     c.set_defaults(func=cmd_chat, max_new_tokens=200)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per byte and top-k accuracy of a run "
@@ -467,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-docs", type=_at_least(0), default=0,
                    help="only the first N documents (0: all)")
     e.add_argument("--device", default="cpu")
+    _add_trust_arg(e)
     e.set_defaults(func=cmd_eval)
 
     cd = sub.add_parser("card", help="write README.md into a run folder: config, training "
@@ -475,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--eval", default=None, help="held-out text file to measure bits per byte on")
     cd.add_argument("--max-new-tokens", type=int, default=80)
     cd.add_argument("--seed", type=int, default=0)
+    _add_trust_arg(cd)
     cd.set_defaults(func=cmd_card)
 
     cp = sub.add_parser("compare", help="final figures and loss curves of several runs")
@@ -487,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--max-new-tokens", type=int, default=60)
     cp.add_argument("--temperature", type=float, default=0.0, help="for --prompt; 0: greedy")
     cp.add_argument("--seed", type=int, default=0, help="for --prompt")
+    _add_trust_arg(cp)
     cp.set_defaults(func=cmd_compare)
 
     cv = sub.add_parser("convert", help="convert chat data between .jsonl, .json and .parquet",
@@ -524,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("overrides", nargs="*", help="settings as key=value, e.g. epochs=2 "
                        "lora_rank=8")
         _add_config_args(f)
+        _add_trust_arg(f)
         f.set_defaults(func=cmd_sft if kind == "sft" else cmd_dpo)
     _add_travel_commands(sub)
     tk = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer, or measure bytes per "
@@ -565,6 +591,7 @@ def _add_travel_commands(sub) -> None:
     ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"],
                     help="GGUF weight type (norms stay f32)")
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_trust_arg(ex)
     ex.set_defaults(func=cmd_export)
 
     im = sub.add_parser("import", help="a Hugging Face Llama or GPT-2 checkpoint as a run folder")

@@ -200,8 +200,7 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from minlm.model import LM
-    from minlm.runs import read_configs, read_log
+    from minlm.runs import read_log, read_record, recorded_params
 
     if x not in X_AXES:
         raise ValueError(f"x={x!r} is invalid: use one of {', '.join(X_AXES)}")
@@ -213,7 +212,7 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
     ax = fig.add_subplot()
     for run in runs:
         run_dir = _run_dir(run)
-        model_cfg, train_cfg, meta = read_configs(run_dir)
+        model_data, train_cfg, meta = read_record(run_dir)  # imports no experiment code
         log = read_log(run_dir)
         evals = log.dropna(subset=["val_bpb"]) if len(log) else log
         trains = log.dropna(subset=["train_loss"]) if len(log) else log
@@ -221,8 +220,8 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
         rows.append({
             "run": run_dir.name,
             "preset": train_cfg.preset,
-            "params": meta.get("params") or LM.count_params(model_cfg),
-            "vocab_size": model_cfg.vocab_size,
+            "params": recorded_params(model_data, meta),
+            "vocab_size": model_data.get("vocab_size"),
             "steps": int(last["step"]) if last is not None else 0,
             "tokens": int(last["tokens"]) if last is not None else 0,
             "minutes": round(float(last["elapsed_s"]) / 60, 2) if last is not None else math.nan,
@@ -244,10 +243,12 @@ def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
 
 
 def side_by_side(runs: Sequence, prompts: Sequence[str], max_new_tokens: int = 60,
-                 device: str = "cpu", **sampling) -> pd.DataFrame:
+                 device: str = "cpu", trust_experiment: bool = False,
+                 **sampling) -> pd.DataFrame:
     """Completions of the same prompts by several runs: one row per prompt, one column per
     run. ``sampling`` (temperature, top_k, top_p, min_p, repetition_penalty, seed) is the same
-    for every run; set ``seed`` for a fair, repeatable comparison."""
+    for every run; set ``seed`` for a fair, repeatable comparison. ``trust_experiment``: as
+    ``load_run``'s."""
     import pandas as pd
 
     from minlm.generate import generate_batch
@@ -257,7 +258,8 @@ def side_by_side(runs: Sequence, prompts: Sequence[str], max_new_tokens: int = 6
         prompts = [prompts]
     table = {}
     for run in runs:
-        loaded = run if hasattr(run, "model") else load_run(run, device=device)
+        loaded = (run if hasattr(run, "model")
+                  else load_run(run, device=device, trust_experiment=trust_experiment))
         table[loaded.name] = generate_batch(loaded.model, loaded.tokenizer, list(prompts),
                                             max_new_tokens, **sampling)
     return pd.DataFrame(table, index=pd.Index(list(prompts), name="prompt"))

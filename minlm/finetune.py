@@ -246,7 +246,7 @@ def _record_train_config(parent_cfg, cfg: _TuneConfig, run_dir: Path, data_path:
 
 
 def _check_resume(run_dir: Path, cfg: _TuneConfig) -> None:
-    saved = runs.read_configs(run_dir)[2].get("finetune", {})
+    saved = runs.read_record(run_dir)[2].get("finetune", {})
     given = runs.portable(cfg.to_dict())  # as the saved record has it
     diffs = [f"{k}: saved {saved[k]!r}, given {v!r}" for k, v in given.items()
              if k not in RESUME_FREE and k in saved and saved[k] != v]
@@ -256,12 +256,14 @@ def _check_resume(run_dir: Path, cfg: _TuneConfig) -> None:
 
 
 def finetune(kind: str, run, cfg: _TuneConfig, stop: StopFlag | None = None,
-             callbacks: Iterable[Callable[[dict], None]] = ()) -> FinetuneResult:
+             callbacks: Iterable[Callable[[dict], None]] = (),
+             trust_experiment: bool = False) -> FinetuneResult:
     """Load the parent run, add adapters if asked, and run the ``kind`` objective ("sft" or
-    "dpo") through the engine into a new run folder; returns its figures."""
+    "dpo") through the engine into a new run folder; returns its figures.
+    ``trust_experiment``: as ``load_run``'s, for the parent."""
     say = tqdm.write if cfg.verbose else (lambda *a, **k: None)
     device = resolve_device(cfg.device)
-    parent = runs.load_run(run, device=device)
+    parent = runs.load_run(run, device=device, trust_experiment=trust_experiment)
     tokenizer, model, model_cfg = parent.tokenizer, parent.model, parent.model_config
     tokenizer.chat_tokens  # noqa: B018 - a tokenizer without chat tokens fails here
     max_len = model_cfg.block_size + 1
@@ -340,14 +342,18 @@ def _config(cls, config, data, overrides):
 
 
 def sft(run, data: str | Path | None = None, config: SFTConfig | None = None, stop=None,
-        callbacks: Iterable[Callable[[dict], None]] = (), **overrides) -> FinetuneResult:
+        callbacks: Iterable[Callable[[dict], None]] = (), trust_experiment: bool = False,
+        **overrides) -> FinetuneResult:
     """Fine-tune run ``run`` (a name or folder) on the conversations in ``data``; any
     ``SFTConfig`` field can be given as a keyword. Returns the new run's figures."""
-    return finetune("sft", run, _config(SFTConfig, config, data, overrides), stop, callbacks)
+    return finetune("sft", run, _config(SFTConfig, config, data, overrides), stop, callbacks,
+                    trust_experiment)
 
 
 def dpo(run, data: str | Path | None = None, config: DPOConfig | None = None, stop=None,
-        callbacks: Iterable[Callable[[dict], None]] = (), **overrides) -> FinetuneResult:
+        callbacks: Iterable[Callable[[dict], None]] = (), trust_experiment: bool = False,
+        **overrides) -> FinetuneResult:
     """Preference-tune run ``run`` with DPO on ``{"prompt", "chosen", "rejected"}`` pairs
     against a frozen copy of itself; any ``DPOConfig`` field can be given as a keyword."""
-    return finetune("dpo", run, _config(DPOConfig, config, data, overrides), stop, callbacks)
+    return finetune("dpo", run, _config(DPOConfig, config, data, overrides), stop, callbacks,
+                    trust_experiment)

@@ -29,6 +29,7 @@ from minlm.data import data_dir
 from minlm.distributed import resolve_device  # the one check that the device exists
 from minlm.fileio import atomic_path, atomic_write_text
 from minlm.model import LM
+from minlm.modules.registry import check_recorded_experiment
 from minlm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 # The log's columns, for every kind of training (fine-tuning adds its own after these):
@@ -373,17 +374,50 @@ class Run:
         return read_log(self.path)
 
 
-def read_configs(run_dir: Path) -> tuple[ModelConfig, TrainConfig, dict]:
+def read_configs(run_dir: Path, trust_experiment: bool = False
+                 ) -> tuple[ModelConfig, TrainConfig, dict]:
+    """The run's configs and meta. Building the model config imports the experiment it
+    records, so that passes ``check_recorded_experiment`` first: a local experiment by name,
+    anything else only with ``trust_experiment``."""
     missing = [f for f in ("model_config.json", "train_config.json") if not (run_dir / f).exists()]
     if missing:
         raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
-    model_cfg = _config_from(run_dir / "model_config.json", ModelConfig.from_dict)
+    model_data = _read_json_object(run_dir / "model_config.json")
+    check_recorded_experiment(str(model_data.get("experiment") or ""),
+                              str(run_dir / "model_config.json"), trust_experiment)
+    model_cfg = _config_from(run_dir / "model_config.json", ModelConfig.from_dict, model_data)
+    train_cfg, meta = _train_record(run_dir)
+    return model_cfg, train_cfg, meta
+
+
+def read_record(run_dir: Path) -> tuple[dict, TrainConfig, dict]:
+    """The model config as the plain dict recorded, the train config and meta: what listing
+    and comparing runs need, read without building the model config, so no experiment code a
+    folder names is ever imported by them."""
+    missing = [f for f in ("model_config.json", "train_config.json") if not (run_dir / f).exists()]
+    if missing:
+        raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
+    return (_read_json_object(run_dir / "model_config.json"),) + _train_record(run_dir)
+
+
+def recorded_params(model_data: dict, meta: dict) -> int | None:
+    """The parameter count a run recorded; counted from its config only when that imports no
+    code (no experiment), else None."""
+    if meta.get("params") or model_data.get("experiment"):
+        return meta.get("params")
+    try:
+        return LM.count_params(ModelConfig.from_dict(model_data))
+    except (ValueError, TypeError):
+        return None
+
+
+def _train_record(run_dir: Path) -> tuple[TrainConfig, dict]:
     data = _read_json_object(run_dir / "train_config.json")
     meta = data.pop("meta", {})
     known = set(TrainConfig.field_names())
     train_cfg = _config_from(run_dir / "train_config.json", TrainConfig.from_dict,
                              {k: v for k, v in data.items() if k in known})
-    return model_cfg, train_cfg, meta
+    return train_cfg, meta
 
 
 def _read_json_object(path: Path) -> dict:
@@ -414,14 +448,17 @@ def find_tokenizer_file(run_dir: Path) -> Path:
 
 
 def load_run(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-             runs_dir: str | os.PathLike | None = None) -> Run:
-    """Model + tokenizer ready for inference, from a run folder or a run name."""
+             runs_dir: str | os.PathLike | None = None, trust_experiment: bool = False) -> Run:
+    """Model + tokenizer ready for inference, from a run folder or a run name.
+
+    A run that records an experiment by path, or one not found locally, is refused unless
+    ``trust_experiment=True``: importing it runs the code it names (``read_configs``)."""
     device = resolve_device(device) if isinstance(device, str) and ":" not in device else device
     run_dir = resolve_run_dir(name_or_path, runs_dir)
     missing = [f for f in REQUIRED_FILES if not (run_dir / f).exists()]
     if missing:
         raise RunError(f"run folder {run_dir} is missing {', '.join(missing)}")
-    model_cfg, train_cfg, meta = read_configs(run_dir)
+    model_cfg, train_cfg, meta = read_configs(run_dir, trust_experiment)
     model = LM(model_cfg)
     try:
         load_model(model, str(run_dir / WEIGHTS), strict=True)
@@ -477,7 +514,7 @@ def list_runs(runs_dir: str | os.PathLike | None = None):
     for d in sorted(base.glob("*/model_config.json")):
         run_dir = d.parent
         try:
-            model_cfg, train_cfg, meta = read_configs(run_dir)
+            model_data, train_cfg, meta = read_record(run_dir)  # imports no experiment code
         except Exception:  # noqa: BLE001 - a broken folder is listed, not fatal
             rows.append({"run": run_dir.name, "status": "unreadable config"})
             continue
@@ -489,7 +526,7 @@ def list_runs(runs_dir: str | os.PathLike | None = None):
             "run": run_dir.name,
             "preset": train_cfg.preset,
             "params": meta.get("params"),
-            "vocab_size": model_cfg.vocab_size,
+            "vocab_size": model_data.get("vocab_size"),
             "steps": int(last["step"]) if last is not None else 0,
             "tokens": int(last["tokens"]) if last is not None else 0,
             "elapsed_min": round(float(last["elapsed_s"]) / 60, 2) if last is not None else None,

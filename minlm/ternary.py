@@ -22,6 +22,7 @@ from minlm.config import ModelConfig
 from minlm.fileio import atomic_path
 from minlm.model import LM
 from minlm.modules.bitlinear import BitLinear, PackedBitLinear
+from minlm.modules.registry import check_recorded_experiment
 
 FORMAT = "minlm-ternary-2bit"
 PACKED_NAME = "model.ternary.safetensors"  # the packed weights inside a run folder
@@ -62,7 +63,8 @@ def pack_ternary_model(model: LM, path: str | os.PathLike,
     return path
 
 
-def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LM:
+def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+                      trust_experiment: bool = False) -> LM:
     """An ``LM`` in eval mode whose BitLinear layers run from the packed 2-bit weights.
 
     ``path`` is the packed file, or a run folder holding it as ``model.ternary.safetensors``."""
@@ -81,7 +83,9 @@ def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a packed ternary minlm model (format "
                          f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    cfg = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+    recorded = json.loads(metadata["model_config"])
+    check_recorded_experiment(str(recorded.get("experiment") or ""), str(path), trust_experiment)
+    cfg = ModelConfig.from_dict(recorded)
     model = LM(cfg)
     _replace_bitlinears(model, lambda m: PackedBitLinear(m.in_features, m.out_features,
                                                          m.bias is not None, m.norm.eps))

@@ -84,8 +84,9 @@ def default_run_name(train_cfg: TrainConfig) -> str:
     return f"{train_cfg.preset or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _check_resume_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-    saved_model, saved_train, _ = runs.read_configs(run_dir)
+def _check_resume_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                          trust_experiment: bool) -> None:
+    saved_model, saved_train, _ = runs.read_configs(run_dir, trust_experiment)
     diffs = [f"{k}: saved {v!r}, given {getattr(model_cfg, k)!r}"
              for k, v in saved_model.to_dict().items() if getattr(model_cfg, k) != v]
     diffs += [f"{k}: saved {getattr(saved_train, k)!r}, given {getattr(train_cfg, k)!r}"
@@ -96,9 +97,9 @@ def _check_resume_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: Trai
                             "run (" + "; ".join(diffs) + ")")
 
 
-def _init_from(model_cfg: ModelConfig, cfg: TrainConfig):
+def _init_from(model_cfg: ModelConfig, cfg: TrainConfig, trust_experiment: bool):
     """The parent run of ``init_from``: its model config must be the one being trained."""
-    parent = runs.load_run(cfg.init_from, runs_dir=cfg.out_dir)
+    parent = runs.load_run(cfg.init_from, runs_dir=cfg.out_dir, trust_experiment=trust_experiment)
     diffs = [f"{k}: parent {v!r}, given {getattr(model_cfg, k)!r}"
              for k, v in parent.model_config.to_dict().items() if getattr(model_cfg, k) != v]
     if diffs:
@@ -114,11 +115,14 @@ def _data_files(shards_meta: dict) -> list[dict]:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None = None,
-          callbacks: Iterable[Callable[[dict], None]] = ()) -> TrainResult:
+          callbacks: Iterable[Callable[[dict], None]] = (),
+          trust_experiment: bool = False) -> TrainResult:
     """Train a model and leave a complete run folder; returns the final figures.
 
     ``stop`` (a ``StopFlag``, e.g. a notebook's Stop button) ends the run after the current
-    step; each callback receives every log row as a dict."""
+    step; each callback receives every log row as a dict. ``trust_experiment``: as
+    ``load_run``'s, for the run resumed or the ``init_from`` parent (an argument, not a
+    config field, so that no run folder can record it)."""
     if train_cfg.resume and not train_cfg.run_name:
         there = ", ".join(runs.run_names(train_cfg.out_dir)) or "none"
         raise ConfigError(f"resume=true needs run_name=<the run to continue>; runs in "
@@ -137,7 +141,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
         say = lambda *a, **k: None  # noqa: E731
     bf16 = use_bf16(cfg.precision, device)
     memory.check_memory(model_cfg, cfg, device)  # before any work: fail in a second
-    parent = _init_from(model_cfg, cfg) if cfg.init_from else None
+    parent = _init_from(model_cfg, cfg, trust_experiment) if cfg.init_from else None
     if parent is not None and not cfg.tokenizer:
         tok_path = runs.find_tokenizer_file(parent.path)
     else:
@@ -153,7 +157,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     exists = RunFolder.check(cfg.out_dir, cfg.run_name, cfg.resume, cfg.overwrite)
     state = None
     if exists and cfg.resume:
-        _check_resume_configs(final, model_cfg, cfg)
+        _check_resume_configs(final, model_cfg, cfg, trust_experiment)
         if runs.list_checkpoints(final):
             state = runs.load_checkpoint(final, log=say)
     for turn in ("main", "others"):  # rank 0 tokenizes; the others then read its cache

@@ -319,12 +319,13 @@ class AttentionExplorer:
     widget's value. Runs load once and are kept."""
 
     def __init__(self, runs: list[str], text: str = "Lily saw a big red ball. She ran to it.",
-                 runs_dir: str | None = None):
+                 runs_dir: str | None = None, trust_experiment: bool = False):
         from minlm.runs import load_run
 
         if not runs:
             raise ValueError("runs is empty: pass run names or folders, e.g. ['llama-1m']")
         self._load, self._runs_dir, self._cache = load_run, runs_dir, {}
+        self._trust = trust_experiment  # as load_run's
         self.run = W.Dropdown(options=list(runs), value=runs[0], description="run", **_LABEL)
         self.layer = W.Dropdown(description="layer", **_LABEL)
         self.head = W.Dropdown(description="head", **_LABEL)
@@ -348,7 +349,8 @@ class AttentionExplorer:
     def model(self):
         name = self.run.value
         if name not in self._cache:
-            self._cache[name] = self._load(name, runs_dir=self._runs_dir)
+            self._cache[name] = self._load(name, runs_dir=self._runs_dir,
+                                           trust_experiment=self._trust)
         return self._cache[name]
 
     def _choices(self) -> None:

@@ -28,6 +28,7 @@ key_valid=)``; for one-token decoding they may define ``step(x, positions, cache
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,25 +210,66 @@ class TokenMixer(LoggingModule):
 
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+TRUST_HINT = ("if you trust its code, load it with trust_experiment=True (command line: "
+              "--trust-experiment)")
+
+
+def experiment_folders() -> list[Path]:
+    """Where experiments are found by name: the repository's ``experiments/``, then each
+    folder of ``$MINLM_EXPERIMENTS_PATH`` (separated like ``PATH``), for experiments kept
+    outside the repository."""
+    extra = os.environ.get("MINLM_EXPERIMENTS_PATH", "")
+    return [EXPERIMENTS_DIR] + [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+
+
+def local_experiment(name: str) -> Path | None:
+    """The ``__init__.py`` of the experiment package called ``name`` in one of the
+    experiment folders, or None: a plain name (an identifier) only, never a path."""
+    if not name.isidentifier():
+        return None
+    for folder in experiment_folders():
+        init = folder / name / "__init__.py"
+        if init.is_file():
+            return init
+    return None
+
+
+def check_recorded_experiment(name: str, where: str, trust: bool = False) -> None:
+    """The one check before a config read from a file (a run folder, a packed model) is
+    built: its ``experiment`` is imported, so its code runs, only when it names a local
+    experiment package by name, or when the caller trusts it explicitly.
+
+    Why: run folders are shared as data (safetensors, weights-only checkpoints); a recorded
+    path would otherwise run whatever file the folder's author chose.
+    """
+    if not name or trust or local_experiment(name) is not None:
+        return
+    folders = ", ".join(str(f) for f in experiment_folders())
+    what = ("is a path, not the name of an experiment" if not name.isidentifier()
+            else "is not an experiment package")
+    raise ConfigError(f"{where} records experiment={name!r}, which {what} in {folders}; its "
+                      f"code was not imported (a run folder may come from anyone); {TRUST_HINT}")
 
 
 def load_experiment(name_or_path: str) -> str:
     """Import an experiment package so its mixers and presets register; returns its module name.
 
-    ``name_or_path``: a folder name in the repository's ``experiments/`` (``"diffattn"``), or a
-    path to a package folder or a ``.py`` file anywhere. Importing twice is a no-op.
+    ``name_or_path``: a package name in the experiment folders (``"diffattn"``), found there
+    first, or a path to a package folder or a ``.py`` file anywhere, which is the caller's own
+    choice (a config read from a file passes ``check_recorded_experiment`` first). Importing
+    twice is a no-op.
     """
     import importlib.util
     import sys
 
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and (EXPERIMENTS_DIR / name_or_path).exists():
-        path = EXPERIMENTS_DIR / name_or_path
+    path = local_experiment(name_or_path) or Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "__init__.py"
     if not path.is_file():
-        names = sorted(p.parent.name for p in EXPERIMENTS_DIR.glob("*/__init__.py"))
-        raise ConfigError(f"experiment={name_or_path!r} is neither a folder of {EXPERIMENTS_DIR} "
+        names = sorted(p.parent.name for f in experiment_folders()
+                       for p in f.glob("*/__init__.py"))
+        folders = ", ".join(str(f) for f in experiment_folders())
+        raise ConfigError(f"experiment={name_or_path!r} is neither a folder of {folders} "
                           f"nor a path to a package or .py file; available: "
                           f"{', '.join(names) or 'none'}")
     module_name = "minlm_experiment_" + (path.parent.name if path.name == "__init__.py"
