@@ -37,6 +37,7 @@ from minlm.sources import (  # noqa: F401 - ROLES and check_messages are re-expo
     check_messages,
     folder_files,
     jsonl_rows,
+    message_pairs,
 )
 from minlm.tokenizer import BYTE_PIECE
 
@@ -149,7 +150,7 @@ def _raw_items(path: Path, column: str,
             obj = [obj]  # one conversation
         if isinstance(obj, list) and obj and all(isinstance(m, dict) and "role" in m and column
                                                  not in m for m in obj):
-            obj = [obj]  # a flat list of messages: one conversation
+            obj = message_pairs(obj, str(path))  # a flat list of messages: seed 000's pairs
         if not isinstance(obj, list):
             raise ChatDataError(f"{path}: expected a list of conversations, found a "
                                 f"{type(obj).__name__}")
@@ -207,8 +208,8 @@ def _read(path, check, column: str, skip_invalid: bool, limit: int,
 
 def read_conversations(path: str | os.PathLike, column: str = "messages",
                        skip_invalid: bool = False, limit: int = 0) -> ChatData:
-    """Conversations from a .jsonl (one per line), .json (a list, or one flat list of
-    messages) or .parquet (``column``) file, or a folder of such files (one format); each
+    """Conversations from a .jsonl (one per line), .json (a list of them, or one flat list of
+    messages, read as its user -> assistant pairs) or .parquet (``column``) file, or a folder of such files (one format); each
     example is a list of messages or an object with them under ``column``.
 
     A malformed example raises ``ChatDataError`` naming the file and line (item, row);

@@ -11,7 +11,8 @@ Accepted shapes, so data prepared for other projects loads as it is:
   splits at the separator, ``"blank-line"`` only at blank lines;
 - JSONL / JSON / parquet rows: a string, an object with the ``text_column`` field, an object
   with ``"messages"`` (a conversation), or a list of messages; a JSON file may also be a whole
-  flat list of ``{"role", "content"}`` messages (one conversation);
+  flat list of ``{"role", "content"}`` messages, read as seed 000 reads it: its user ->
+  assistant pairs, one conversation each (``message_pairs``);
 - a folder: every file of one format in it (and its subfolders), in sorted order;
 - ``hf:<dataset id>``: a Hugging Face dataset read with ``datasets`` in streaming mode, so
   nothing is downloaded whole (a local folder after ``hf:`` goes through the same loader).
@@ -106,6 +107,37 @@ def check_messages(obj: Any, column: str = "messages") -> list[dict[str, str]]:
     if all(m["role"] == "system" for m in out):
         raise ValueError("the conversation has only a system message")
     return out
+
+
+def message_pairs(messages: list[dict], where: str) -> list[list[dict]]:
+    """A flat list of messages as its query -> target pairs: one conversation per user message
+    and the assistant reply after it, a system message kept with the pair it precedes.
+
+    Why: seed 000's training files are such lists and its trainer read them as pairs; read as
+    one conversation, a file was one document that no val split could divide. A file meant as
+    one conversation says so: ``{"messages": [...]}``.
+    """
+    pairs, pending = [], []
+    for k, m in enumerate(messages):
+        role = m.get("role")
+        last = pending[-1].get("role") if pending else None
+        wanted = ("assistant",) if last == "user" else ("user",) if last == "system" \
+            else ("system", "user")
+        if role not in wanted:
+            raise ValueError(
+                f"{where}, message {k}: role {role!r} where {' or '.join(map(repr, wanted))} "
+                "was expected (a flat list of messages is read as user -> assistant pairs, a "
+                "system message before its pair); to keep the messages as one conversation, "
+                'write {"messages": [...]}')
+        pending.append(m)
+        if role == "assistant":
+            pairs.append(pending)
+            pending = []
+    if pending:
+        raise ValueError(f"{where}, message {len(messages) - 1}: the last {pending[-1]['role']}"
+                         " message has no assistant reply after it (a flat list of messages is "
+                         "read as user -> assistant pairs); add the reply or drop the message")
+    return pairs
 
 
 def to_record(obj: Any, where: str, text_column: str = "text") -> Record:
@@ -206,7 +238,8 @@ def _is_message(obj: Any) -> bool:
 
 def _read_json(path: Path, text_column: str) -> Iterator[tuple[str, Record]]:
     """A list of rows, ``{text_column: [...]}``, one ``{"messages": [...]}`` conversation, or a
-    flat list of messages (one conversation). JSON is not streamable: the file is read whole."""
+    flat list of messages (its user -> assistant pairs). JSON is not streamable: the file is
+    read whole."""
     _check_text_file(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -221,7 +254,9 @@ def _read_json(path: Path, text_column: str) -> Iterator[tuple[str, Record]]:
         raise ValueError(f"{path}: expected a list of rows or messages, found a "
                          f"{type(obj).__name__}")
     if obj and all(_is_message(m) for m in obj):
-        yield f"{path}", to_record(obj, f"{path} (a flat list of messages)", text_column)
+        for k, pair in enumerate(message_pairs(obj, str(path))):
+            where = f"{path}, pair {k}"
+            yield where, to_record(pair, where, text_column)
         return
     for k, item in enumerate(obj):
         where = f"{path}, item {k}"

@@ -62,19 +62,21 @@ def docs_of(tokens, tok):
 # --- the seed formats --------------------------------------------------------------------
 
 def test_flat_message_list_and_folder_of_json(tmp_path, tok):
-    """Seed 000: a .json file that is one flat list of {content, role} messages, and a
-    folder of such files, load for SFT (read_conversations) and for pretraining (prepare)."""
+    """Seed 000: a .json file that is one flat list of {content, role} messages (read as its
+    user -> assistant pairs), and a folder of such files, load for SFT (read_conversations)
+    and for pretraining (prepare)."""
     folder = tmp_path / "chats"
     folder.mkdir()
     for k in range(40):
         flat = [{"content": m["content"] + f" ({k})", "role": m["role"]} for m in CHAT]
         (folder / f"conv{k:02d}.json").write_text(json.dumps(flat))
     one = read_conversations(folder / "conv00.json")
-    assert len(one) == 1 and one[0][1]["content"] == CHAT[1]["content"] + " (0)"
-    assert len(read_conversations(folder)) == 40  # a folder of .json files
+    assert len(one) == 2 and one[0][1]["content"] == CHAT[1]["content"] + " (0)"
+    assert one[1][0]["content"] == CHAT[2]["content"] + " (0)"
+    assert len(read_conversations(folder)) == 80  # a folder of .json files, two pairs each
 
     shards = run(tmp_path, folder, tok, val_fraction=0.1)
-    assert shards.meta["documents"] == {"train": 36, "val": 4}
+    assert shards.meta["documents"] == {"train": 72, "val": 8}
     chat = tok.chat_tokens
     first = docs_of(shards.train, tok)[0]
     assert first[0] == tok.bos_id and first[1] == chat["user"] and first[-1] == tok.eos_id
