@@ -179,7 +179,7 @@ def coerce(name: str, raw: str, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if raw.lower() in ("none", "null", ""):
+        if raw.lower() in ("none", "null", "") and type(None) in typing.get_args(tp):
             return None
         errors = []
         for a in args:
@@ -289,6 +289,9 @@ class ModelConfig(_Serialisable):
     zero_init_proj: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.tied_blocks, dict) and not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in self.tied_blocks.values()):
+            _fail("tied_blocks", self.tied_blocks, 'values must be block indices, e.g. {"4": 0}')
         self.tied_blocks = {str(k): int(v) for k, v in dict(self.tied_blocks).items()}
         if isinstance(self.block_spec, str) and self.block_spec.lstrip().startswith("["):
             try:  # a list given on the command line as JSON
@@ -363,10 +366,10 @@ class ModelConfig(_Serialisable):
         channels = [registry.channel_mixer_spec(self.channel_mixer)]
         if uses_moe_step(self):
             channels.append(registry.channel_mixer_spec("moe", "block_spec"))
+        registry.check_options(self.mixer_options, used)  # types first: validate compares
         for spec in used + channels:
             if spec.validate is not None:
                 spec.validate(self)
-        registry.check_options(self.mixer_options, used)
         if self.position in ("rope", "alibi") and not any(s.positional for s in used):
             _fail("position", self.position, "no layer uses attention or another mixer that "
                   "reads positions (RoPE and ALiBi act inside attention, and the layers use "

@@ -26,7 +26,8 @@ def report_errors(fn, debug: bool = False) -> int:
     except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback with --debug
         if debug:
             raise
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+        print(f"error: unexpected {type(e).__name__}: {e}; this is a bug in minlm, not in your "
+              "input: please report it with the command and the traceback that --debug shows",
               file=sys.stderr)
         return 1
     return code or 0

@@ -283,7 +283,26 @@ def load_experiment(name_or_path: str) -> str:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as e:
         del sys.modules[module_name]
-        raise
+        if isinstance(e, SyntaxError):  # the experiment's file is input: name file and line
+            raise ConfigError(f"experiment={name_or_path!r}: {e.filename}:{e.lineno}: {e.msg} "
+                              "(a syntax error in the experiment's code; fix it there)") from e
+        if isinstance(e, ValueError) or not isinstance(e, Exception):
+            raise  # its own clear errors (a name registered twice), and Ctrl-C, as they are
+        raise ConfigError(f"experiment={name_or_path!r} failed while importing, at "
+                          f"{_where_in(e, path)}: {type(e).__name__}: {e}; fix the "
+                          "experiment's code (--debug shows the traceback)") from e
     return module_name
+
+
+def _where_in(error: BaseException, path: Path) -> str:
+    """``file:line`` of the innermost frame of ``error`` inside the experiment (its package
+    folder, or its one file), else the innermost frame of all."""
+    import traceback
+
+    root = path.parent if path.name == "__init__.py" else path
+    frames = traceback.extract_tb(error.__traceback__)
+    inside = [f for f in frames if Path(f.filename) == root or root in Path(f.filename).parents]
+    frame = (inside or frames)[-1]
+    return f"{frame.filename}:{frame.lineno}"
