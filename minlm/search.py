@@ -414,6 +414,7 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
+    from minlm.outputs import check_target, mark_folder
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
@@ -458,8 +459,11 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
 
     keys = ([json.dumps(c, sort_keys=True, default=str) for c in candidates] if sampler == "grid"
             else {"space": json.dumps(space, sort_keys=True, default=str)})
+    # the rule for every output folder (minlm.outputs): an earlier search's folder, or new
+    check_target(out_dir, "search", overwrite=True, name="search folder")
     study = _open_study(out_dir, name, keys, runnable, eta, n_rungs, storage, heartbeat,
                         pruner, seed)
+    mark_folder(out_dir, "search", storage or out_dir / "study.db")
 
     def objective(trial) -> float:
         import optuna
