@@ -89,7 +89,7 @@ def cmd_search(args) -> int:
     import pandas as pd
 
     from minlm.config import ConfigError, check_folder_name
-    from minlm.search import grid, parse_space, search
+    from minlm.search import SearchInterrupted, grid, parse_space, search
     from minlm.settings import take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
@@ -102,11 +102,15 @@ def cmd_search(args) -> int:
     common = dict(memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
                   compute_budget=args.compute, max_params=args.max_params, pruner=args.pruner,
                   sampler=args.sampler)
-    if tpe:
-        result = search(None, model_cfg, train_cfg, space=typed,
-                        n_trials=args.trials or 0, seed=args.seed, **common)
-    else:
-        result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
+    try:
+        if tpe:
+            result = search(None, model_cfg, train_cfg, space=typed,
+                            n_trials=args.trials or 0, seed=args.seed, **common)
+        else:
+            result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
+    except SearchInterrupted as e:  # Ctrl-C 130, SIGTERM 143, as train exits
+        print(e, file=sys.stderr)
+        return e.exit_code
     table = result.table
     saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
