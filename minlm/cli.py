@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 
     from minlm.config import ModelConfig, TrainConfig
     from minlm.runs import read_configs, resolve_run_dir
-    from minlm.train import train
+    from minlm.train import resume_data, train
 
     from minlm.settings import preset_config, route_items, take_preset
 
@@ -51,8 +51,10 @@ def cmd_train(args) -> int:
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
-        model_cfg, saved_train, _ = read_configs(run_dir)  # resume with what the run saved
-        train_cfg = saved_train.replace(resume=True, overwrite=False).with_overrides(train_items)
+        model_cfg, saved_train, meta = read_configs(run_dir)  # resume with what the run saved
+        data = resume_data(run_dir, saved_train.data, meta)  # found from any working directory
+        train_cfg = saved_train.replace(resume=True, overwrite=False, allow_data_change=False,
+                                        data=data).with_overrides(train_items)
         model_cfg = model_cfg.with_overrides(model_items)
     else:
         model_cfg = preset_config(args.preset or "llama-1m", model_items)
