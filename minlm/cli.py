@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 
     from minlm.config import ModelConfig, TrainConfig
     from minlm.runs import read_configs, resolve_run_dir
-    from minlm.train import train
+    from minlm.train import resume_data, train
 
     from minlm.settings import preset_config, route_items, take_preset
 
@@ -52,8 +52,10 @@ def cmd_train(args) -> int:
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
         # resume with what the run saved
-        model_cfg, saved_train, _ = read_configs(run_dir, args.trust_experiment)
-        train_cfg = saved_train.replace(resume=True, overwrite=False).with_overrides(train_items)
+        model_cfg, saved_train, meta = read_configs(run_dir, args.trust_experiment)
+        data = resume_data(run_dir, saved_train.data, meta)  # found from any working directory
+        train_cfg = saved_train.replace(resume=True, overwrite=False, allow_data_change=False,
+                                        data=data).with_overrides(train_items)
         model_cfg = model_cfg.with_overrides(model_items)
     else:
         model_cfg = preset_config(args.preset or "llama-1m", model_items)
@@ -91,7 +93,7 @@ def cmd_search(args) -> int:
     import pandas as pd
 
     from minlm.config import ConfigError, check_folder_name
-    from minlm.search import grid, parse_space, search
+    from minlm.search import SearchInterrupted, grid, parse_space, search
     from minlm.settings import take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
@@ -104,11 +106,15 @@ def cmd_search(args) -> int:
     common = dict(memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
                   compute_budget=args.compute, max_params=args.max_params, pruner=args.pruner,
                   sampler=args.sampler)
-    if tpe:
-        result = search(None, model_cfg, train_cfg, space=typed,
-                        n_trials=args.trials or 0, seed=args.seed, **common)
-    else:
-        result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
+    try:
+        if tpe:
+            result = search(None, model_cfg, train_cfg, space=typed,
+                            n_trials=args.trials or 0, seed=args.seed, **common)
+        else:
+            result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
+    except SearchInterrupted as e:  # Ctrl-C 130, SIGTERM 143, as train exits
+        print(e, file=sys.stderr)
+        return e.exit_code
     table = result.table
     saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",

@@ -474,6 +474,7 @@ class TrainConfig(_Serialisable):
     fsdp: bool = False  # shard parameters with FSDP2 (under torchrun) instead of replicating
     resume: bool = False
     overwrite: bool = False
+    allow_data_change: bool = False  # resume on data other than the run's (its hashes differ)
     num_workers: int = 0  # processes used to tokenize the corpus; 0 means all cores
     val_fraction: float = 0.0  # held-out share when the data has no separate validation file
     max_docs: int = 0  # use only the first N documents (0 = all); handy for quick experiments

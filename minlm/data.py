@@ -151,8 +151,10 @@ def resolve_text_files(data: str, full: bool = False) -> tuple[list, list]:
             raise ValueError(f"folder {path} holds no training text files "
                              f"({', '.join(TEXT_SUFFIXES)}; val*/valid* files are validation)")
         return train, val
+    where = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
     raise FileNotFoundError(f"data={data!r} is neither a dataset name ({', '.join(DATASETS)}) "
-                            f"nor an existing file or folder, nor a {HF_PREFIX}<dataset id>")
+                            f"nor an existing file or folder{where}, nor a {HF_PREFIX}<dataset "
+                            "id>; give data=<the path to it>")
 
 
 

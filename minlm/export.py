@@ -30,10 +30,12 @@ def _load(run):
     return run if hasattr(run, "model") else load_run(run)
 
 
-def _fresh_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it, or "
-                              "choose another path")
+def _check_out(out: Path, kind: str, run, overwrite: bool) -> None:
+    """The rule for every output a user names (``minlm.outputs``): ``--out`` is replaced
+    only with ``--overwrite`` and only when it holds an earlier export of this kind."""
+    from minlm.outputs import check_target
+
+    check_target(out, kind, overwrite=overwrite, source=run.path)
 
 
 def _sp_proto(tokenizer):
@@ -106,9 +108,9 @@ def _card(run, family: str, where: str) -> str:
 def export_hf(run, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``run`` (a name, folder or loaded Run) as a ``transformers`` folder at ``out``.
 
-    The folder is built beside ``out`` and renamed into place, so a crash leaves no half
-    export. Returns ``out``."""
-    from minlm.fileio import atomic_dir
+    The folder is built beside ``out`` and swapped into place, so a crash leaves no half
+    export; it carries ``minlm-output.json`` (what it is and which run it came from), which is
+    what lets a later ``--overwrite`` replace it. Returns ``out``."""
     from minlm.interop import family_of, to_hf
 
     run, out = _load(run), Path(out)
@@ -116,7 +118,7 @@ def export_hf(run, out: str | os.PathLike, overwrite: bool = False) -> Path:
         family = family_of(run.model_config)
     except ValueError as e:
         raise ValueError(f"cannot export {run.name}: {e}") from None
-    _fresh_output(out, overwrite)
+    _check_out(out, "hf-export", run, overwrite)
     tok = run.tokenizer
     hf = to_hf(run.model)
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
@@ -129,7 +131,9 @@ def export_hf(run, out: str | os.PathLike, overwrite: bool = False) -> Path:
         hf_tok.chat_template = template
         if run.meta.get("parent"):  # a chat-tuned run: a reply ends at <|end|>, as in minlm
             hf.generation_config.eos_token_id = [tok.eos_id, tok.chat_tokens["end"]]
-    with atomic_dir(out) as tmp:
+    from minlm.outputs import staged
+
+    with staged(out, "hf-export", run.path) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(_card(run, family, str(out)))
@@ -198,8 +202,11 @@ def gguf_tensors(model, dtype: str = "f32") -> dict[str, tuple]:
 
 
 def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool = False) -> Path:
-    """Write ``run`` as one GGUF file (llama architecture, sentencepiece vocabulary inside)."""
-    from minlm.fileio import atomic_path
+    """Write ``run`` as one GGUF file (llama architecture, sentencepiece vocabulary inside),
+    marked as minlm's by the ``minlm.output`` header key (``minlm.outputs``)."""
+    import json
+
+    from minlm.outputs import GGUF_KEY, marker, staged
     from minlm.tokenizer import SentencePieceTokenizer
 
     if dtype not in GGUF_DTYPES:
@@ -215,11 +222,12 @@ def export_gguf(run, out: str | os.PathLike, dtype: str = "f16", overwrite: bool
     if not isinstance(tok, SentencePieceTokenizer):
         raise ValueError(f"cannot export {run.name} to GGUF: its tokenizer is a "
                          f"{type(tok).__name__}; GGUF export writes sentencepiece vocabularies")
-    _fresh_output(out, overwrite)
+    _check_out(out, "gguf-export", run, overwrite)
     proto = _sp_proto(tok)
-    with atomic_path(out) as tmp:
+    with staged(out, "gguf-export", run.path, file=True) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(run.name)
+        w.add_string(GGUF_KEY, json.dumps(marker("gguf-export", run.path)))
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         w.add_vocab_size(cfg.vocab_size)

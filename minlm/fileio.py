@@ -73,26 +73,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``path``; on success replace ``path`` with it (an
-    existing ``path`` is removed first), so a crash never leaves a half-written folder there."""
-    import shutil
+    """Yield an empty temp folder beside ``path``; on success put it in place of ``path`` (an
+    old ``path`` is removed only once the new one is there): ``outputs.staged``, unmarked."""
+    from minlm.outputs import staged
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder normal permissions
-    try:
+    with staged(path, None) as tmp:
         yield tmp
-        _crash_point(path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 @contextlib.contextmanager

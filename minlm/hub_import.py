@@ -54,6 +54,28 @@ def _tokenizer(folder: Path):
     return load_tokenizer(folder)
 
 
+def _check_weight_files(folder: Path, source) -> None:
+    """Only safetensors weights are read: a pickled ``.bin`` can run code as it loads."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+    raise ValueError(f"cannot import {source}: it holds {found} and no .safetensors file; minlm "
+                     "loads safetensors only (a pickled file can run code when loaded): convert "
+                     "it where you trust it (save_pretrained(..., safe_serialization=True))")
+
+
+def _check_complete(info: dict, source) -> None:
+    """Every tensor the model needs came from the checkpoint, and nothing was left unused:
+    ``transformers`` fills a missing one with random values and drops an unknown one."""
+    for what, key in (("is missing", "missing_keys"), ("has unexpected", "unexpected_keys")):
+        names = sorted(info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if names[4:] else "")
+            raise ValueError(f"cannot import {source}: the checkpoint {what} tensors {shown}; "
+                             "import a complete checkpoint of this architecture")
+
+
 def import_checkpoint(source: str | os.PathLike, name: str | None = None,
                       runs_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write the checkpoint at ``source`` as run ``name`` (default: the folder's or repo's
@@ -81,7 +103,20 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
         model_config_from_hf(hf_cfg)  # refuse an unsupported model before loading its weights
     except ValueError as e:
         raise ValueError(f"cannot import {source}: {e}") from None
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    _check_weight_files(folder, source)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by _check_complete's line
+    hf_logging.disable_progress_bar()
+    try:
+        hf, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                        use_safetensors=True,
+                                                        output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    _check_complete(info, source)
     model = from_hf(hf)
     del hf
     tokenizer = _tokenizer(folder)

@@ -9,9 +9,10 @@ worker processes a bounded group of chunks at a time (memory stays flat however 
 source), and land in ``train.bin`` / ``train-00000.bin``... and ``val.bin``: each document
 as BOS + tokens + EOS; a conversation rendered with the chat template. With ``loss_mask``
 a ``*.mask.bin`` beside each shard says which tokens are targets (``chatdata.MODES``), and
-``get_batch`` sets the others to the ignored index. Every file is written to a temp name
-and renamed at the end; ``meta.json`` comes last and marks the folder complete, so an
-interrupted prepare leaves nothing a later run would trust.
+``get_batch`` sets the others to the ignored index. The folder is written as a temp
+sibling and swapped in whole at the end (``minlm.outputs``: an output folder the user
+names is replaced only when prepare wrote it); ``meta.json`` comes last and marks it
+complete, so an interrupted prepare leaves nothing a run would trust.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from minlm.fileio import atomic_path, atomic_write_text, waiting_lock
+from minlm.fileio import atomic_write_text, waiting_lock
+from minlm.outputs import check_target, staged
 from minlm.chatdata import MODES, ChatDataError, chat_example
 from minlm.data import (
     DEFAULT_VAL_FRACTION,
@@ -137,26 +139,32 @@ def _tasks(sets, fraction, max_docs, text_column, split_by, done: set):
 
 class _SplitWriter:
     """Appends a split's tokens (and mask) to numbered shard files of ``shard_tokens`` each
-    (one ``<split>.bin`` when 0); each file is a temp file until the whole prepare succeeds."""
+    (one ``<split>.bin`` when 0) in the staging folder, one file (and its mask) open at a
+    time: a thousand shards must not need a thousand open files."""
 
-    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int, with_mask: bool,
-                 stack: contextlib.ExitStack):
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int, with_mask: bool):
         self.folder, self.split, self.dtype = folder, split, dtype
-        self.shard_tokens, self.with_mask, self.stack = shard_tokens, with_mask, stack
+        self.shard_tokens, self.with_mask = shard_tokens, with_mask
         self.files: list[list] = []  # [name, tokens]
         self._out = self._mask_out = None
 
     def _open(self) -> None:
+        self.close()
         name = (f"{self.split}-{len(self.files):05d}.bin" if self.shard_tokens
                 else f"{self.split}.bin")
         self.files.append([name, 0])
-        self._out = self._open_atomic(name)
+        self._out = open(self.folder / name, "wb")  # noqa: SIM115 - open until close()
         if self.with_mask:
-            self._mask_out = self._open_atomic(name.replace(".bin", ".mask.bin"))
+            self._mask_out = open(  # noqa: SIM115 - open until close()
+                self.folder / name.replace(".bin", ".mask.bin"), "wb")
 
-    def _open_atomic(self, name: str):
-        tmp = self.stack.enter_context(atomic_path(self.folder / name))
-        return self.stack.enter_context(open(tmp, "wb"))
+    def close(self) -> None:
+        for f in (self._out, self._mask_out):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        self._out = self._mask_out = None
 
     def write(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         while len(ids):
@@ -246,52 +254,58 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
         if verbose:
             tqdm.write(f"using cached shards {folder}")
         return Shards.load(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # two trainings started on one corpus: one writes the folder, the other waits and reuses it
-    # (without the lock the second deleted the first one's temp files as a killed run's)
-    with waiting_lock(folder / ".lock"):
+    # the one rule for outputs the user names: a folder prepare wrote may be rewritten, a
+    # folder holding anything else (the user's files, a run, the source) never
+    local = [s for s in train_src + val_src if not isinstance(s, HubSource)]
+    check_target(folder, "shards", overwrite=True, source=local, name="--out")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # two trainings started on one corpus: one writes the folder, the other waits and reuses
+    # it (the lock is a sibling: the folder itself is swapped in whole)
+    lock = folder.parent / f".{folder.name}.lock"
+    with waiting_lock(lock):
         if _is_done(folder, key):
             if verbose:
                 tqdm.write(f"using shards {folder}, prepared meanwhile by another process")
             return Shards.load(folder)
+        check_target(folder, "shards", overwrite=True, source=local, name="--out")
         _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype, name,
                       verbose, max_docs=max_docs, max_tokens=max_tokens,
                       shard_tokens=shard_tokens, text_column=text_column, split_by=split_by,
                       loss_mask=loss_mask, workers=num_workers)
+    # not left behind in the user's folder; a process that waited on it finds the folder done
+    lock.unlink(missing_ok=True)
     return Shards.load(folder)
 
 
 def _is_done(folder: Path, key: dict) -> bool:
-    meta = folder / "meta.json"
-    return meta.exists() and json.loads(meta.read_text()).get("key") == key
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):  # none, or someone else's meta.json: not this prepare's
+        return False
+    return isinstance(meta, dict) and meta.get("key") == key
 
 
 def _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype, name,
                   verbose, *, max_docs, max_tokens, shard_tokens, text_column, split_by,
                   loss_mask, workers) -> None:
-    """Tokenize the sources into ``folder``; ``meta.json`` is written last and marks it done."""
-    (folder / "meta.json").unlink(missing_ok=True)  # the folder is untrusted until done
-    for tmp in folder.glob(".*.tmp"):  # temp files of a prepare that was killed
-        tmp.unlink()
+    """Tokenize the sources into a temp sibling of ``folder`` and swap it in whole
+    (``outputs.staged``); ``meta.json`` is written last, so a folder with one is complete."""
     sets = [("train", train_src), ("val", val_src)] if val_src else [(None, train_src)]
     started = time.perf_counter()
-    totals, files = _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,
-                                  max_docs=max_docs, max_tokens=max_tokens,
-                                  shard_tokens=shard_tokens, text_column=text_column,
-                                  split_by=split_by, loss_mask=loss_mask, workers=workers)
-    seconds = time.perf_counter() - started
-    meta = {"key": key, "source": data, "tokenizer_hash": tokenizer.hash,
-            "tokenizer_path": str(getattr(tokenizer, "path", "") or ""),
-            "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "bos_eos": True,
-            "split_by": "val file" if val_src else f"fraction {fraction}",
-            "loss_mask": loss_mask, "files": files, "seconds": round(seconds, 2),
-            **{field: {s: t[field] for s, t in totals.items()}
-               for field in ("tokens", "documents", "bytes")}}
-    keep = {n for fs in files.values() for n, _ in fs}
-    for stale in folder.glob("*.bin"):  # shards of an earlier prepare into this folder
-        if stale.name not in keep and stale.name.replace(".mask.bin", ".bin") not in keep:
-            stale.unlink()
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks complete
+    with staged(folder, "shards", data) as tmp:
+        totals, files = _write_shards(data, tmp, tokenizer, sets, fraction, dtype, name,
+                                      verbose, max_docs=max_docs, max_tokens=max_tokens,
+                                      shard_tokens=shard_tokens, text_column=text_column,
+                                      split_by=split_by, loss_mask=loss_mask, workers=workers)
+        seconds = time.perf_counter() - started
+        meta = {"key": key, "source": data, "tokenizer_hash": tokenizer.hash,
+                "tokenizer_path": str(getattr(tokenizer, "path", "") or ""),
+                "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "bos_eos": True,
+                "split_by": "val file" if val_src else f"fraction {fraction}",
+                "loss_mask": loss_mask, "files": files, "seconds": round(seconds, 2),
+                **{field: {s: t[field] for s, t in totals.items()}
+                   for field in ("tokens", "documents", "bytes")}}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # last: complete
     if verbose:
         mb = sum(t["bytes"] for t in totals.values()) / 1e6
         tqdm.write(f"shards in {folder}: " + ", ".join(
@@ -337,7 +351,9 @@ def _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writers = {s: _SplitWriter(folder, s, dtype, shard_tokens if s == "train" else 0,
-                                   loss_mask is not None, stack) for s in ("train", "val")}
+                                   loss_mask is not None) for s in ("train", "val")}
+        for w in writers.values():
+            stack.callback(w.close)
         bar = stack.enter_context(tqdm(total=bar_total, unit="B", unit_scale=True,
                                        disable=not verbose, desc=f"tokenizing {name}"))
         tasks = _tasks(sets, fraction, max_docs, text_column, split_by, done)
@@ -378,7 +394,9 @@ def _write_shards(data, folder, tokenizer, sets, fraction, dtype, name, verbose,
             if pool is not None:
                 pool.terminate()
         for split, t in totals.items():
-            if t["tokens"] == 0:  # raised inside: the temp files are removed, none renamed
+            if t["tokens"] == 0:  # raised inside: the staging folder is removed
                 raise ValueError(_empty_split_advice(data, split, totals, fraction, max_docs))
         files = {s: w.files for s, w in writers.items()}
+        for w in writers.values():
+            w.close()
     return totals, files

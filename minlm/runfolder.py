@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from minlm.outputs import swap_in
 from minlm.runs import RunError, check_run_target
 
 
@@ -115,10 +116,7 @@ class RunFolder:
         """Put the staged run in place of the old one (after its first good checkpoint)."""
         if not self.staging:
             return
-        old = self.final.parent / f".{self.final.name}.replaced-{os.getpid()}"
-        os.replace(self.final, old)
-        os.replace(self.path, self.final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(self.path, self.final)
         self.path, self.staging = self.final, False
 
     def abandon(self) -> bool:

@@ -103,6 +103,10 @@ def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,
     if exists and overwrite and not is_run_folder(run_dir):
         raise RunError(f"refusing to overwrite {run_dir}: it does not look like a run folder "
                        "(no model_config.json and train_config.json); choose another run_name")
+    if exists and overwrite:  # the rule every replaced output obeys (never the cwd, ...)
+        from minlm.outputs import check_target
+
+        check_target(run_dir, "run", overwrite=True, name="run", flag=overwrite_flag)
     return exists
 
 

@@ -25,6 +25,7 @@ are maintained and tested where many people use them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -39,6 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 import minlm.fast as fast
+from minlm import runs
 from minlm.config import ModelConfig, TrainConfig, check_folder_name
 from minlm.flops import flops_per_token
 from minlm.model import LM
@@ -47,6 +49,66 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("halving", "hyperband")
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the search; the message says where and how to resume, and
+    ``exit_code`` is what the command exits with (130 or 143, as ``train``)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _QuietInterrupt:
+    """A logging filter for Optuna: a trial stopped by Ctrl-C or SIGTERM is reported by the
+    search's own line, not by Optuna's warning with its traceback."""
+
+    hide_next = False
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KeyboardInterrupt):
+            self.hide_next = True  # its next line, "failed with value None", goes as well
+            return False
+        if self.hide_next and "failed with value" in record.getMessage():
+            self.hide_next = False
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _stop_signals(where: Callable[[], str]):
+    """Ctrl-C and SIGTERM between trials (or before a trial's training starts) end the search
+    as they end a training: with ``SearchInterrupted`` (the trainer's own handlers take over
+    while it trains, and stop it after its step). ``where`` says what was running."""
+    import logging
+    import signal
+    import threading
+
+    quiet = _QuietInterrupt()
+    log = logging.getLogger("optuna.study._optimize")
+    log.addFilter(quiet)
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            yield
+        finally:
+            log.removeFilter(quiet)
+        return
+
+    def stop(signum, _frame):
+        how, code = (("interrupted (Ctrl-C)", 130) if signum == signal.SIGINT
+                     else ("terminated (SIGTERM)", 143))
+        raise SearchInterrupted(f"search {how} {where()}; run the same search again to "
+                                "resume it", code)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        log.removeFilter(quiet)
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
 
@@ -414,6 +476,7 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
+    from minlm.outputs import check_target, mark_folder
     from minlm.train import resolve_device
 
     check_folder_name("name", name)  # the trials go under out_dir/name, nowhere else
@@ -458,8 +521,11 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
 
     keys = ([json.dumps(c, sort_keys=True, default=str) for c in candidates] if sampler == "grid"
             else {"space": json.dumps(space, sort_keys=True, default=str)})
+    # the rule for every output folder (minlm.outputs): an earlier search's folder, or new
+    check_target(out_dir, "search", overwrite=True, name="search folder")
     study = _open_study(out_dir, name, keys, runnable, eta, n_rungs, storage, heartbeat,
                         pruner, seed)
+    mark_folder(out_dir, "search", storage or out_dir / "study.db")
 
     def objective(trial) -> float:
         import optuna
@@ -481,12 +547,16 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
             conf, again = checked(t), first != trial.number
             trial.set_user_attr("name", t.name)
         trial.set_user_attr("pid", os.getpid())
+        current[0] = t.name
+        code = 0
         if conf is not None:
             m, tc = conf
             rungs = _rungs(tc.max_iters, tc.eval_interval, eta, n_rungs)
-            # resume the run folder an earlier trial of this candidate left
-            _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again),
-                         rungs, eta, dev, budget, callbacks)
+            # resume the run folder an earlier trial of this candidate left (with a checkpoint:
+            # a trial stopped before its first one starts again)
+            again = again and bool(runs.list_checkpoints(out_dir / t.name))
+            code = _train_trial(t, trial, study, m, tc.replace(resume=again, overwrite=not again),
+                                rungs, eta, dev, budget, callbacks)
         for k in ("status", "reason", "steps", "tokens", "compute", "val_bpb", "peak_memory",
                   "params"):
             trial.set_user_attr(k, getattr(t, k))
@@ -500,12 +570,20 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
         if t.status in ("cut", "over memory"):
             raise optuna.TrialPruned()
         if t.status == "interrupted":  # the trial fails; the next run of the search resumes it
-            raise KeyboardInterrupt(f"search interrupted in {t.name} at step {t.steps}; run it "
-                                    "again to resume")
+            how = "terminated (SIGTERM)" if code == 143 else "interrupted (Ctrl-C)"
+            raise SearchInterrupted(f"search {how} in {t.name} at step {t.steps}; the trial is "
+                                    "saved as interrupted: run the same search again to resume "
+                                    "it from its checkpoint", code)
         return t.val_bpb if t.status == "trained" else math.nan
 
-    _work_on(study, objective, heartbeat, out_dir / "study.lock",
-             n_trials if sampler == "tpe" else None)
+    current = [""]  # the trial being worked on, for the message of a stop between trials
+
+    def where() -> str:
+        return f"in {current[0]} before its training started" if current[0] else "between trials"
+
+    with _stop_signals(where):
+        _work_on(study, objective, heartbeat, out_dir / "study.lock",
+                 n_trials if sampler == "tpe" else None)
     if sampler == "grid":
         _read_back(study, trials, runnable, out_dir)
     else:
@@ -748,7 +826,8 @@ def _train_trial(t: Trial, trial, study, model_cfg: ModelConfig, train_cfg: Trai
                  callbacks) -> None:
     """Train (or resume) one trial to the end, reporting its val bits per byte to the pruner
     at each rung before the last (as step ``eta**k`` for rung ``k``, so trials of different
-    lengths compare rung by rung); stop it when the pruner says so or its memory goes over."""
+    lengths compare rung by rung); stop it when the pruner says so or its memory goes over.
+    Returns the training's exit code (130 / 143 when Ctrl-C / SIGTERM stopped it)."""
     from minlm.train import StopFlag, train
 
     stop = StopFlag()
@@ -782,14 +861,15 @@ def _train_trial(t: Trial, trial, study, model_cfg: ModelConfig, train_cfg: Trai
         result = train(model_cfg, train_cfg, stop=stop, callbacks=[watch])
     except (RuntimeError, MemoryError, ValueError) as e:
         t.status, t.reason = "failed", str(e).splitlines()[0][:300]
-        return
+        return 0
     t.run_dir = str(result.run_dir)
-    if t.status == "pending" and stop.reason.startswith("interrupted"):  # Ctrl-C in train()
+    if t.status == "pending" and stop.kind in ("interrupt", "sigterm"):  # Ctrl-C, SIGTERM
         t.status, t.reason = "interrupted", result.stopped
     if t.status == "pending":
         t.status = "trained" if t.val_bpb == t.val_bpb else "failed"
         if t.status == "failed":
             t.reason = f"no validation figure by step {result.step}: {result.stopped}"
+    return result.exit_code
 
 
 def _cut_reason(study, value: float, step: int, rung_key: int, eta: int) -> str:

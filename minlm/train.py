@@ -12,6 +12,7 @@ graceful stop (Ctrl-C, SIGTERM or a stop flag).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,46 @@ def _check_resume_configs(run_dir: Path, model_cfg: ModelConfig, train_cfg: Trai
                             "run (" + "; ".join(diffs) + ")")
 
 
+def _data_from_run(data: str, run_dir: Path) -> str | None:
+    """A data path as seen from the run folder (relative: a copied pair of folders still
+    finds it, and no machine's path shows), so a resume from any working directory finds it;
+    None for a dataset name or a Hub source."""
+    if not Path(data).exists():
+        return None
+    return os.path.relpath(Path(data).resolve(), run_dir.resolve())
+
+
+def resume_data(run_dir: Path, saved: str, meta: dict) -> str:
+    """The data a resumed run reads: the saved ``data`` when it resolves from here (a
+    dataset name, or a path from the current directory), else the folder the run recorded
+    relative to itself."""
+    from minlm.data import DATASETS
+
+    rel = meta.get("data_from_run")
+    if saved in DATASETS or saved.startswith("hf:") or Path(saved).exists() or not rel:
+        return saved
+    found = (run_dir / rel).resolve()
+    return str(found) if found.exists() else saved
+
+
+def _check_resume_data(run_dir: Path, shards, cfg: TrainConfig) -> None:
+    """A resumed run must read the corpus it was trained on: the shards' token counts and the
+    sha256 of the source files, as the run recorded them, must match (``allow_data_change``
+    continues on other data knowingly)."""
+    meta = runs.read_record(run_dir)[2]  # meta only: imports nothing
+    then, now = meta.get("data_meta") or {}, shards.meta
+    diffs = [f"{k} {then[k]} then, {now.get(k)} now" for k in ("tokens", "tokenizer_hash")
+             if k in then and then[k] != now.get(k)]
+    hashes = [sorted(f["sha256"] for f in files if f.get("sha256"))
+              for files in (meta.get("data_files") or [], _data_files(now))]
+    if all(hashes) and hashes[0] != hashes[1]:
+        diffs.append("the sha256 of its source files differ")
+    if diffs and not cfg.allow_data_change:
+        raise runs.RunError(f"cannot resume {run_dir.name!r}: data={cfg.data!r} is not the corpus "
+                            f"it was trained on ({'; '.join(diffs)}); resume with that data, or "
+                            "pass allow_data_change=true to go on with this one")
+
+
 def _init_from(model_cfg: ModelConfig, cfg: TrainConfig, trust_experiment: bool):
     """The parent run of ``init_from``: its model config must be the one being trained."""
     parent = runs.load_run(cfg.init_from, runs_dir=cfg.out_dir, trust_experiment=trust_experiment)
@@ -166,6 +207,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
                              num_workers=cfg.num_workers, max_docs=cfg.max_docs,
                              verbose=cfg.verbose and main)
         distributed.barrier(dist)
+    if exists and cfg.resume:
+        _check_resume_data(final, shards, cfg)
     for split in (shards.train, shards.val)[:2 if cfg.eval_iters else 1]:
         _check_split(split, model_cfg.block_size)  # data too short: refused before the folder exists
     # the folder is locked (and checked again, under the lock) once the inputs are good
@@ -191,7 +234,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
             fwd = torch.compile(fwd)
         meta = {"params": model.num_params(), "params_non_embedding": model.num_params(True),
                 "tokenizer_path": str(tok_path), "tokenizer_hash": tokenizer.hash,
-                "data_meta": shards.meta, "data_files": _data_files(shards.meta), "device": str(device), "bf16": bf16,
+                "data_meta": shards.meta, "data_files": _data_files(shards.meta),
+                "data_from_run": _data_from_run(cfg.data, final),
+                "device": str(device), "bf16": bf16,
                 "hardware": runs.hardware(device), "world_size": dist.world,
                 "versions": runs.library_versions(), "status": "training",
                 **({"parent": parent.name} if parent is not None else {})}

@@ -342,6 +342,53 @@ def test_import_refuses_what_minlm_would_compute_differently(tmp_path):
         import_checkpoint("hf:no-owner", runs_dir=tmp_path / "runs")
 
 
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def test_import_refuses_a_checkpoint_with_missing_or_unexpected_tensors(tmp_path):
+    """Was: exit 0 with layer 0's down projection randomly initialised by transformers."""
+    from safetensors.torch import load_file, save_file
+
+    src = _saved_by_transformers(tmp_path / "holed", _tiny_llama())
+    weights = src / "model.safetensors"
+    full = load_file(weights)
+    holed = {k: v for k, v in full.items() if k != "model.layers.0.mlp.down_proj.weight"}
+    save_file(holed, weights, metadata={"format": "pt"})
+    runs_dir = tmp_path / "runs"
+    line = _one_error_line(_cli("import", str(src), "--name", "holed", runs_dir=runs_dir))
+    assert "missing tensors model.layers.0.mlp.down_proj.weight" in line
+    save_file({**full, "model.layers.0.mlp.extra.weight": full["model.norm.weight"].clone()},
+              weights,
+              metadata={"format": "pt"})
+    line = _one_error_line(_cli("import", str(src), "--name", "extra", runs_dir=runs_dir))
+    assert "unexpected tensors model.layers.0.mlp.extra.weight" in line
+    assert not runs_dir.exists()
+
+
+def test_import_refuses_pickled_weights_in_one_line_without_loading_them(tmp_path):
+    """A pytorch_model.bin whose pickle would run a command when loaded: refused by what it
+    is, never opened (was: torch's multi-line weights_only advice)."""
+    import pickle
+
+    src = _saved_by_transformers(tmp_path / "pickled", _tiny_llama())
+    (src / "model.safetensors").unlink()
+    pwned = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {pwned}",))
+
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    line = _one_error_line(_cli("import", str(src), "--name", "p", runs_dir=tmp_path / "runs"))
+    assert "only pickled weights (pytorch_model.bin)" in line and "safetensors" in line
+    assert "weights_only" not in line
+    assert not pwned.exists() and not (tmp_path / "runs").exists()
+
+
 # --- tracing someone else's model ----------------------------------------------------------
 
 def test_trace_of_a_transformers_model_shows_the_same_shapes_as_minlm():

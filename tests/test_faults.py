@@ -205,3 +205,77 @@ def test_faults_then_resume_give_the_uninterrupted_weights(kind, setting, tmp_pa
     finally:
         if tmpfs:
             subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# --- search: SIGTERM and SIGKILL in the middle of a trial, then the same command again -------
+
+SEARCH = ["search", "--preset", "llama-0.5m", "--name", "q", "--rungs", "1", "vocab_size=512",
+          "dim=32", "n_layers=1", "n_heads=2", "n_kv_heads=1", "block_size=32", "batch_size=8",
+          "lr=3e-3,2e-3,1e-3", "max_iters=300", "warmup_iters=5", "eval_interval=100",
+          "eval_iters=2", "log_interval=10", "checkpoint_interval=20", "max_docs=300",
+          "num_workers=1"]
+
+
+def _log_rows(run_dir: Path) -> list[str]:
+    return (run_dir / "log.csv").read_text().strip().splitlines()[1:]
+
+
+def _search_trials(folder: Path) -> dict:
+    import optuna
+
+    study = optuna.load_study(study_name="q", storage=f"sqlite:///{folder / 'study.db'}")
+    by: dict = {}
+    for f in study.get_trials():
+        queued = f.system_attrs.get("fixed_params", {}).get("candidate")
+        by.setdefault(f.params.get("candidate", queued), []).append(f.state.name)
+    return by
+
+
+@pytest.mark.parametrize("fault", [signal.SIGTERM, signal.SIGKILL])
+def test_a_search_stopped_mid_trial_resumes_that_trial_to_its_budget(fault, tmp_path):
+    """SIGTERM (was: exit 0, the cut-off trial recorded as trained and never resumed) or SIGKILL
+    while the second trial trains; the same command again: the first trial is not repeated,
+    the second goes on from its checkpoint to max_iters, the third trains."""
+    cmd = [sys.executable, "-m", "minlm", *SEARCH, f"out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINLM_CACHE_DIR": str(tmp_path / "cache")}
+    folder = tmp_path / "q"
+    second = folder / "trial01-lr=0.002"
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while p.poll() is None and not runs.list_checkpoints(second) and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(fault)
+    out, err = p.communicate(timeout=300)
+    COUNTS["injected"] += 1
+    if fault == signal.SIGTERM:
+        assert p.returncode == 143, out + err
+        assert "search terminated (SIGTERM) in trial01-lr=0.002 at step" in err
+        assert "saved as interrupted: run the same search again to resume" in err
+        assert "Traceback" not in err and "optuna" not in err.lower(), err
+        assert err.strip().count("\n") == 0, err  # one line
+        assert _search_trials(folder) == {0: ["COMPLETE"], 1: ["FAIL"], 2: ["WAITING"]}
+    else:
+        assert p.returncode == -signal.SIGKILL
+    first_log = (folder / "trial00-lr=0.003" / "log.csv").read_text()
+    kept = runs.list_checkpoints(second)[0][0]
+    before = [r for r in _log_rows(second) if int(r.split(",")[0]) <= kept]
+    assert 0 < kept < 300
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                           check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    assert (folder / "trial00-lr=0.003" / "log.csv").read_text() == first_log  # not repeated
+    rows = _log_rows(second)
+    assert rows[:len(before)] == before  # resumed from its checkpoint, not started again
+    assert int(rows[-1].split(",")[0]) == 300  # and trained to its budget
+    steps = [int(r.split(",")[0]) for r in rows]
+    assert steps == sorted(set(steps))
+    import pandas as pd
+
+    table = pd.read_csv(folder / "results.csv").set_index("trial")
+    assert table.loc["trial01-lr=0.002", "status"] == "trained"
+    assert table.loc["trial01-lr=0.002", "steps"] == 300
+    assert _search_trials(folder) == {0: ["COMPLETE"], 1: ["FAIL", "COMPLETE"], 2: ["COMPLETE"]}
+    COUNTS["survived"] += 1

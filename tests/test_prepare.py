@@ -333,15 +333,16 @@ def test_cli_prepare_then_interrupted_prepare_is_not_trusted(shared_data, tmp_pa
                   "--max-tokens", "20K", "--workers", "1",
                   env={"MINLM_CRASH_DURING_WRITE": "meta.json"})
     assert killed.returncode == -9
-    assert not (out / "meta.json").exists()  # the old one went first; the new never landed
-    with pytest.raises(FileNotFoundError, match="not a prepared shard folder"):
-        Shards.load(out)
+    # the new folder never landed, and the old one is whole: it is replaced only when complete
+    assert len(Shards.load(out).meta["files"]["train"]) == 3
+    assert [p.name for p in tmp_path.iterdir() if ".shk.staging-" in p.name]  # the kill's temp
     again = _cli(str(src), "--tokenizer", "tinystories-512", "--out", str(out),
                  "--max-tokens", "20K", "--workers", "1")
     assert again.returncode == 0, again.stderr
     assert Shards.load(out).meta["files"]["train"] == [["train.bin", len(Shards.load(out).train)]]
-    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["meta.json",
-                                                                          "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "minlm-output.json",
+                                                     "train.bin", "val.bin"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".shk")]  # cleared
     missing = _cli(str(tmp_path / "nope.txt"), "--tokenizer", "tinystories-512")
     assert missing.returncode == 2 and "nope.txt" in missing.stderr
 
@@ -361,10 +362,14 @@ def test_a_second_prepare_of_one_folder_waits_for_the_first(shared_data, tmp_pat
     import time
 
     out = tmp_path / "shk"
-    out.mkdir()
-    busy = out / ".train.bin.first.tmp"  # a shard the first prepare is writing
+    busy = tmp_path / f".shk.staging-{os.getpid()}-first" / "train.bin"  # the first one's work
+    busy.parent.mkdir()
     busy.write_bytes(b"half a shard")
-    with open(out / ".lock", "a") as lock:
+    ended = subprocess.Popen(["true"])  # a writer that has died: its pid is free
+    ended.wait()
+    dead = tmp_path / f".shk.staging-{ended.pid}-x"
+    dead.mkdir()
+    with open(tmp_path / ".shk.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first prepare, at work
         second = subprocess.Popen(
             [sys.executable, "-m", "minlm", "prepare", str(shared_data / "shakespeare" /
@@ -376,8 +381,9 @@ def test_a_second_prepare_of_one_folder_waits_for_the_first(shared_data, tmp_pat
             time.sleep(0.1)
         assert second.poll() is None and _waits_for_lock(second.pid), second.communicate()
         assert busy.exists()  # the first one's file is left alone while it holds the lock
-        fcntl.flock(lock, fcntl.LOCK_UN)  # the first one gave up (died) without finishing
+        fcntl.flock(lock, fcntl.LOCK_UN)  # the first one gave up without finishing
     stdout, stderr = second.communicate(timeout=120)
     assert second.returncode == 0, stderr
-    assert not busy.exists() and Shards.load(out).meta["tokens"]["train"] > 0
+    assert Shards.load(out).meta["tokens"]["train"] > 0
+    assert busy.exists() and not dead.exists()  # a live writer's staging stays, a dead one's goes
 

@@ -232,7 +232,7 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path, sha
     else:  # was: the interrupted trial counted as trained at step 8, and the search went on
         # an uncaught KeyboardInterrupt ends Python with SIGINT's status
         assert stopped.returncode == -signal.SIGINT, stderr
-        assert "search interrupted in trial01-lr=0.002 at step 8" in stderr
+        assert "search interrupted (Ctrl-C) in trial01-lr=0.002 at step 8" in stderr
     first = tmp_path / "runs" / "search" / "trial00-lr=0.003"
     finished_log = (first / "log.csv").read_text()
     stamp = (first / "log.csv").stat().st_mtime_ns
@@ -342,7 +342,8 @@ def test_an_interrupted_tpe_trial_resumes_its_run_and_keeps_its_candidate(tmp_pa
         if t.name.startswith("trial01") and row["step"] == 4:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer stops after this step
 
-    with pytest.raises(KeyboardInterrupt, match="search interrupted in trial01-.* at step 4"):
+    with pytest.raises(KeyboardInterrupt,
+                       match=r"search interrupted \(Ctrl-C\) in trial01-.* at step 4"):
         _tpe(tmp_path, 2, callbacks=[interrupt], checkpoint_interval=4)
     seen = []
     resumed = _tpe(tmp_path, 2, callbacks=[lambda t, row: seen.append((t.name[:7], row["step"]))])
