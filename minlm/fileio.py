@@ -83,6 +83,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder normal permissions
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # writers that stage through mkstemp leave 0600 (safetensors)
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         _crash_point(path)
         if path.is_dir():
             shutil.rmtree(path)
