@@ -27,7 +27,18 @@ from pathlib import Path
 from minlm.errors import report_errors
 from minlm.fileio import atomic_write_bytes
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tokenizers"
+
+def _shipped_dir() -> Path:
+    """The shipped tokenizers: the checkout's ``tokenizers/`` (an editable install), else the
+    copy a wheel installs under ``<prefix>/share/minlm/tokenizers`` (``pip install .``)."""
+    import sys
+
+    checkout = Path(__file__).resolve().parents[1] / "tokenizers"
+    installed = Path(sys.prefix) / "share" / "minlm" / "tokenizers"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+SHIPPED_DIR = _shipped_dir()
 CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
                "end": "<|end|>"}
 N_RESERVED = 4  # spare special tokens (<|reserved_0|> ...) for later uses, at no retraining cost
