@@ -33,9 +33,10 @@ def _shipped_dir() -> Path:
     copy a wheel installs under ``<prefix>/share/minlm/tokenizers`` (``pip install .``)."""
     import sys
 
-    checkout = Path(__file__).resolve().parents[1] / "tokenizers"
-    installed = Path(sys.prefix) / "share" / "minlm" / "tokenizers"
-    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+    checkout = Path(__file__).resolve().parents[1] / "tokenizers"  # site-packages/tokenizers
+    installed = Path(sys.prefix) / "share" / "minlm" / "tokenizers"  # is Hugging Face's package
+    has_models = any(checkout.glob("*.model"))
+    return checkout if has_models or not installed.is_dir() else installed
 
 
 SHIPPED_DIR = _shipped_dir()
