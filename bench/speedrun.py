@@ -4,7 +4,7 @@ It also gives the validation bits per byte the recipe ends at within a token bud
 TinyStories by default.
 
 A recipe is a preset plus ``key=value`` overrides of ModelConfig/TrainConfig, read exactly as
-``python -m minlm train`` reads them, or a named recipe from ``bench/recipes.json`` (more
+``python -m minlm train`` reads them, or a named recipe from ``minlm/recipes.json`` (more
 overrides on the command line apply on top). Each entry is an ordinary run folder, trained by
 ``minlm.train.train``; the engine records the first evaluation at or below the target
 (``target_bpb``) and, with ``--stop-at-target``, ends the run there (``stop_at_bpb``). Without
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import shlex
 import sys
@@ -33,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from minlm import ModelConfig, TrainConfig
+from minlm import ModelConfig, TrainConfig, recipes
 from minlm.cli import _count
 from minlm.data import validation_file
-from minlm.errors import report_errors
+from minlm.errors import ConfigError, report_errors
 from minlm.evaluate import evaluate_file
 from minlm.flops import flops_per_token
 from minlm.objectives import epochs_to_steps, pretraining_step_tokens
@@ -45,7 +44,7 @@ from minlm.settings import canonical_item, preset_config, route_items, take_pres
 from minlm.train import train
 
 HERE = Path(__file__).resolve().parent
-RECIPES = HERE / "recipes.json"
+RECIPES = recipes.RECIPES  # minlm/recipes.json
 RESULTS = HERE / "results" / "speedrun.csv"
 # settings the harness owns: the budget, the evaluation schedule and the target
 OWNED = {"max_iters": "--tokens", "max_minutes": "--minutes", "epochs": "--tokens",
@@ -61,17 +60,11 @@ COLUMNS = ["date", "recipe", "preset", "params", "vocab_size", "block_size", "ta
 
 
 def read_recipe(name: str, path: Path = RECIPES) -> tuple[str, list[str]]:
-    """(preset, overrides) of a named recipe in a JSON file of ``{name: {"preset": ...,
-    "overrides": ["key=value", ...]}}``."""
+    """(preset, overrides) of a named recipe (``minlm.recipes``, which ``train --recipe`` reads)."""
     try:
-        recipes = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: --recipes {path}: cannot read it as JSON ({e})") from None
-    if name not in recipes:
-        raise SystemExit(f"error: --recipe {name!r} is not in {path}; recipes there: "
-                         f"{', '.join(recipes) or 'none'}")
-    recipe = recipes[name]
-    return recipe.get("preset", "llama-1m"), list(recipe.get("overrides", []))
+        return recipes.read_recipe(name, path)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def configs(preset: str, items: list[str], args, run_name: str) -> tuple[ModelConfig, TrainConfig]:

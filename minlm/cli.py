@@ -40,13 +40,22 @@ def cmd_trace(args) -> None:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from minlm.config import ModelConfig, TrainConfig
+    from minlm.config import ConfigError, ModelConfig, TrainConfig
     from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import resume_data, train
 
-    from minlm.settings import preset_config, route_items, take_preset
+    from minlm.settings import canonical_item, preset_config, route_items, take_preset
 
-    args.preset, items = take_preset(_settings(args), args.preset)
+    items = _settings(args)
+    if args.recipe:  # a named recipe's settings first; the command line's apply on top
+        from minlm.recipes import read_recipe
+
+        preset, recipe_items = read_recipe(args.recipe)
+        if args.preset and args.preset != preset:
+            raise ConfigError(f"--recipe {args.recipe} trains preset {preset}; drop --preset "
+                              f"{args.preset} (or give the model settings as key=value)")
+        args.preset, items = preset, [canonical_item(i) for i in recipe_items] + items
+    args.preset, items = take_preset(items, args.preset)
     model_items, train_items = route_items(items)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
     run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
@@ -67,9 +76,25 @@ def cmd_train(args) -> int:
     if args.dry_run:  # the resolved settings, before any check of the run folder
         return _dry_run(model=model_cfg, train=train_cfg)
     result = train(model_cfg, train_cfg, trust_experiment=args.trust_experiment)
-    return _report_result(result, train_cfg.verbose,
+    code = _report_result(result, train_cfg.verbose,
                           f"continue it with: python -m minlm train run_name={result.run_dir.name} "
                           f"out_dir={result.run_dir.parent} resume=true")
+    if code in (0, 130, 143) and os.environ.get("RANK", "0") == "0":
+        _next_commands(result.run_dir)
+    return code
+
+
+def _next_commands(run_dir) -> None:
+    """What to try after a run: sample it, and set it beside the shipped llama-1m."""
+    from minlm.runs import default_runs_dir
+
+    run = str(run_dir)
+    shipped = default_runs_dir() / "llama-1m"
+    print("next:")
+    print(f'  python -m minlm generate {run} "Once upon a time" --max-new-tokens 100')
+    if shipped.is_dir() and shipped.resolve() != run_dir.resolve():
+        print(f"  python -m minlm compare {run} {shipped} --x time --out curves.png"
+              "   # beside the shipped llama-1m")
 
 
 def _report_result(result, verbose: bool, resume_hint: str) -> int:
@@ -197,6 +222,10 @@ def cmd_chat(args) -> None:
     from minlm.tokenizer import check_text
 
     run = _load_run(args)
+    if run.meta.get("kind") not in ("sft", "dpo"):  # it will talk, but not as a chat model
+        print(f"note: {run.name} was not chat-tuned (its record has no sft or dpo), so it "
+              "continues the text rather than answers; tune it first: python -m minlm sft "
+              f"{run.name} (or pick a chat-tuned run, e.g. llama-1m-chat)", file=sys.stderr)
     chat = Chat(run.model, run.tokenizer, system=args.system,
                 max_new_tokens=args.max_new_tokens, **_sampling(args))
     interactive = sys.stdin.isatty()
@@ -433,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train a model. Any ModelConfig or TrainConfig field can be "
                         "set as key=value, e.g. max_iters=500 lr=1e-3 dim=192.")
     tr.add_argument("--preset", default=None, help="model preset (default llama-1m)")
+    tr.add_argument("--recipe", default=None, help="a named recipe of minlm/recipes.json, e.g. "
+                    "speedrun (the shipped llama-1m's); key=value settings apply on top")
     tr.add_argument("overrides", nargs="*", help="config overrides as key=value")
     _add_config_args(tr)
     _add_trust_arg(tr)

@@ -440,7 +440,7 @@ class TrainConfig(_Serialisable):
     tokenizer: str = ""  # path to a tokenizer; empty: the shipped one matching vocab_size
     out_dir: str = "trained_models"
     max_iters: int = 2000
-    max_minutes: float = 0.0  # wall-clock budget; 0 means no limit
+    max_minutes: float = 0.0  # wall-clock budget (evaluated 20 times over); 0: no limit
     batch_size: int = 32
     grad_accum_steps: int = 1
     # batch-size warm-up: the batch grows linearly from batch_warmup_start x batch_size to

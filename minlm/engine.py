@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from minlm import distributed, memory, runs
 from minlm.config import ModelConfig, TrainConfig
-from minlm.flops import flops_per_token, peak_flops
+from minlm.flops import device_peak, flops_per_token, raise_cpu_peak
 from minlm.loggers import make_loggers
 from minlm.optim import lr_at, set_lr
 from minlm.runfolder import RunFolder
 
 EXIT_CODES = {"interrupt": 130, "sigterm": 143, "failed": 1}
+TIME_EVALS = 20  # a run on a time budget evaluates at least this many times over it
 
 
 class StopFlag:
@@ -137,6 +138,7 @@ class Outcome:
     exit_code: int
     first_val: tuple[float, dict] | None = None
     target_reached: dict | None = None  # the first evaluation at or below the target bpb
+    last_val_step: int | None = None  # the step of last_val (earlier than step after a stop)
 
 
 class Engine:
@@ -160,6 +162,7 @@ class Engine:
         self.elapsed_prev = 0.0
         self.log_rows: list[dict] = []
         self.last_val: tuple[float, dict] | None = None
+        self.last_val_step: int | None = None
         self.first_val: tuple[float, dict] | None = None
         self.best: tuple[float, int, dict, dict | None] | None = None  # val, step, figs, weights
         self.worse = 0  # evaluations in a row above the best
@@ -167,7 +170,11 @@ class Engine:
         self.resumed = False
         self.keep_best = cfg.keep_best or objective.final_is_best
         self.flops_per_token = flops_per_token(model_cfg)
-        self.peak_flops = peak_flops(self.device, bf16)
+        self.peak = device_peak(self.device, bf16)  # what MFU divides by; the run records it
+        self.peak_flops = self.peak["flops"] if self.peak else None
+        self._remeasured = False
+        if self.peak:
+            self.meta["peak_flops"] = dict(self.peak)
         self.budget_reason = f"time budget of {cfg.max_minutes} min reached"
         self.target = cfg.target_bpb or cfg.stop_at_bpb  # 0: no target
         self.target_reason = f"reached the target of {cfg.stop_at_bpb} val bits/byte"
@@ -217,6 +224,15 @@ class Engine:
         self.first_val = state.get("first_val")
         self.skipped_steps = state.get("skipped_steps", 0)
         self.target_reached = state.get("target_reached")
+        # the last evaluation so far is the run's figure until the next one (a stop right
+        # after a resume would otherwise report "no evaluation yet" beside a curve of them)
+        for row in reversed(self.log_rows):
+            if row.get("val_loss") is not None:
+                self.last_val = (row["val_loss"], {k[4:]: v for k, v in row.items()
+                                                   if k.startswith("val_") and k != "val_loss"
+                                                   and v is not None})
+                self.last_val_step = row["step"]
+                break
         self.resumed = True
         self.say(f"resuming {self.folder.final.name} from step {self.step}")
 
@@ -349,11 +365,10 @@ class Engine:
                "grad_norm": grad_norm, "mfu": None, **self.objective.row_figures(loss),
                **figures, **self.objective.progress()}
         if self.peak_flops:
-            row["mfu"] = round(row["tokens_per_s"] * self.flops_per_token
-                               / (self.peak_flops * self.dist.world), 4)
+            row["mfu"] = round(self._mfu(row["tokens_per_s"]), 4)
         val = self.evaluate() if at_eval else None
         if val is not None:
-            self.last_val = val
+            self.last_val, self.last_val_step = val, self.step
             row.update({"val_loss": val[0], **{f"val_{k}": v for k, v in val[1].items()}})
             self.say(f"step {self.step}: train loss {loss:.4f}, val loss {val[0]:.4f}"
                      + "".join(f", val {k} {v:.4f}" for k, v in val[1].items())
@@ -361,6 +376,27 @@ class Engine:
             self._note_eval(val)
             self._note_target(row)
         self._emit(row)
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation; above 1 the peak is wrong (a CPU probe run while the
+        machine was busy): probe again, and if the run still beats it, its own rate is the
+        least the device can do, so that becomes the peak (cached, and recorded in meta)."""
+        achieved = tokens_per_s * self.flops_per_token / self.dist.world
+        if achieved <= self.peak_flops:
+            return achieved / self.peak_flops
+        if self.device.type == "cpu" and not self._remeasured:
+            self._remeasured = True
+            self.peak = device_peak(self.device, self.bf16, remeasure=True)
+            self.say(f"MFU {achieved / self.peak_flops:.2f} > 1 with the cached peak of "
+                     f"{self.peak_flops:.3g} FLOP/s; re-measured: {self.peak['flops']:.3g}")
+        if achieved > self.peak["flops"]:
+            self.peak = {**self.peak, "flops": achieved,
+                         "source": self.peak["source"] + "; raised to this run's own rate"}
+            if self.device.type == "cpu":
+                raise_cpu_peak(torch.bfloat16 if self.bf16 else torch.float32, achieved)
+        self.peak_flops = self.peak["flops"]
+        self.meta["peak_flops"] = dict(self.peak)
+        return achieved / self.peak_flops
 
     def _note_target(self, row: dict) -> None:
         """Record the first evaluation at or below the target; stop there with stop_at_bpb."""
@@ -402,6 +438,11 @@ class Engine:
                    unit="s" if budget_s else "step", disable=not (cfg.verbose and self.dist.is_main),
                    dynamic_ncols=True, desc=self.folder.final.name)
         self.model.train()
+        if cfg.warmup_iters >= cfg.max_iters > self.step:  # not an error, but never what is meant
+            self.say(f"note: warmup_iters={cfg.warmup_iters} >= max_iters={cfg.max_iters}: the "
+                     f"whole run is warm-up and the learning rate never reaches lr={cfg.lr:g}; "
+                     f"set warmup_iters={max(1, cfg.max_iters // 10)} (a tenth of the steps) "
+                     "for a schedule")
         if self.dist.is_main and cfg.logger:
             settings = runs.portable({**self.model_cfg.to_dict(), **cfg.to_dict()})
             self.loggers = make_loggers(cfg.logger, self.run_dir, self.folder.final.name, settings)
@@ -424,8 +465,8 @@ class Engine:
                     raise
                 raise MemoryError(memory.oom_message(self.model, cfg, self.model_cfg)) from None
             finally:
-                if ended:  # a stop or the budget ends the bar as done, not red (tqdm's error look)
-                    bar.total = bar.n = max(bar.n, 1)
+                if ended:
+                    self._end_bar(bar, budget_s)
                 bar.close()
             try:
                 return self._finish()
@@ -433,10 +474,28 @@ class Engine:
                 for logger in self.loggers:
                     logger.close(self.meta.get("status", "failed"))
 
+    def _end_bar(self, bar, budget_s: float) -> None:
+        """A run that used its steps or its time ends the bar full; a stop leaves it where
+        the run stopped and says so, without a total, so it neither reads "100% 21/21" nor
+        turns red (a notebook bar closed short of its total looks like an error)."""
+        if bar.disable:
+            return
+        if not self.stop.is_set() or self.stop.reason == self.budget_reason:
+            bar.total = bar.n = max(bar.n, 1)
+        elif bar.total and bar.n < bar.total:
+            unit = "s" if budget_s else " steps"
+            bar.set_description(f"{self.folder.final.name}: stopped at {bar.n} of {bar.total}"
+                                f"{unit}", refresh=False)
+            bar.total = None
+
     def _loop(self, bar, budget_s: float) -> None:
         cfg, obj = self.cfg, self.objective
         interval = (time.perf_counter(), 0)
         last_step_s = last_eval_s = 0.0  # to end a budgeted run before it overruns
+        # on a time budget, also evaluate every twentieth of it, so a run whose steps are fast
+        # or slow still draws a curve (eval_interval alone gave a 5-minute run two points)
+        every_s = budget_s / TIME_EVALS if budget_s else 0.0
+        next_eval_s = (math.floor(self.elapsed() / every_s) + 1) * every_s if every_s else 0.0
         while self.step < cfg.max_iters and not self._should_stop():
             lr = self.lr()
             t0 = time.perf_counter()
@@ -453,8 +512,11 @@ class Engine:
             out_of_time = bool(budget_s) and self.elapsed() + last_step_s + last_eval_s > budget_s
             if out_of_time:  # the run ends here, on an evaluation
                 self.stop.set(self.budget_reason)
+            on_time = bool(every_s) and self.elapsed() >= next_eval_s
+            if on_time:
+                next_eval_s = (math.floor(self.elapsed() / every_s) + 1) * every_s
             at_eval = (self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
-                       or out_of_time or obj.epoch_ended())
+                       or out_of_time or obj.epoch_ended() or on_time)
             stopping = self.stop.is_set()  # the last step is logged: the log ends where the run does
             if self.step % cfg.log_interval == 0 or at_eval or stopping:
                 t0 = time.perf_counter()
@@ -517,7 +579,7 @@ class Engine:
         best = self.best[:3] if self.best else None
         return Outcome(self.folder.final, self.step, self.tokens, self.elapsed(), self.last_val,
                        best, stopped, status, EXIT_CODES.get(kind, 0), self.first_val,
-                       self.target_reached)
+                       self.target_reached, self.last_val_step)
 
     def _keep_best(self) -> None:
         """Write the best evaluation's weights: as the run's weights (fine-tuning) or, with

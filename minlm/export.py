@@ -143,11 +143,8 @@ def export_hf(run, out: str | os.PathLike, overwrite: bool = False) -> Path:
 # --- GGUF ----------------------------------------------------------------------------------
 
 def _import_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("GGUF export needs the gguf package: pip install 'gguf>=0.10' "
-                          "(listed in requirements-dev.txt)") from None
+    import gguf  # the export extra; a command names it when missing (errors.missing_module)
+
     return gguf
 
 

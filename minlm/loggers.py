@@ -35,7 +35,8 @@ def _need(package: str, pip_name: str, name: str):
         return importlib.import_module(package)
     except ImportError:
         raise ConfigError(f"logger={name!r} needs the {pip_name} package: pip install "
-                          f"{pip_name}") from None
+                          f"{pip_name} (or minlm's loggers extra: pip install \"minlm[loggers]\")"
+                          ) from None
 
 
 class TensorBoardLogger:

@@ -200,6 +200,10 @@ def staged(target: str | os.PathLike, kind: str | None, source=None, *,
     tmp = Path(tmp)
     try:
         yield tmp
+        if not file:  # writers that stage through mkstemp leave 0600 (safetensors)
+            for f in tmp.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    os.chmod(f, 0o666 & ~_umask())
         if kind is not None and not file:
             files = sorted(p.name for p in tmp.iterdir())
             (tmp / MARKER).write_text(json.dumps({**marker(kind, source), "files": files},

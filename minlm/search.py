@@ -476,6 +476,8 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
     """
+    import optuna  # noqa: F401 - the search extra: missing, the command says so before any work
+
     from minlm.outputs import check_target, mark_folder
     from minlm.train import resolve_device
 

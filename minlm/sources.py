@@ -291,8 +291,8 @@ def _read_hub(src: HubSource, text_column: str) -> Iterator[tuple[str, Record]]:
         import datasets
     except ImportError:
         raise RuntimeError(f"reading {HF_PREFIX}{src.name} needs the 'datasets' package: "
-                           "pip install 'datasets>=2.19' (or download the files and prepare "
-                           "their folder instead)") from None
+                           "pip install \"minlm[data]\" (the data extra; or download the files "
+                           "and prepare their folder instead)") from None
     try:
         ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
         rows = iter(ds)

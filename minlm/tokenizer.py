@@ -27,7 +27,19 @@ from pathlib import Path
 from minlm.errors import report_errors
 from minlm.fileio import atomic_write_bytes
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tokenizers"
+
+def _shipped_dir() -> Path:
+    """The shipped tokenizers: the checkout's ``tokenizers/`` (an editable install), else the
+    copy a wheel installs under ``<prefix>/share/minlm/tokenizers`` (``pip install .``)."""
+    import sys
+
+    checkout = Path(__file__).resolve().parents[1] / "tokenizers"  # site-packages/tokenizers
+    installed = Path(sys.prefix) / "share" / "minlm" / "tokenizers"  # is Hugging Face's package
+    has_models = any(checkout.glob("*.model"))
+    return checkout if has_models or not installed.is_dir() else installed
+
+
+SHIPPED_DIR = _shipped_dir()
 CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
                "end": "<|end|>"}
 N_RESERVED = 4  # spare special tokens (<|reserved_0|> ...) for later uses, at no retraining cost
@@ -169,12 +181,38 @@ class TokenDisplay:
 
     def _repr_html_(self) -> str:
         spans = []
-        for k, (i, p) in enumerate(zip(self.ids, self.pieces)):
+        for k, (ids, p) in enumerate(self._grouped()):
             shown = html.escape(p).replace("\n", "↵<br>")
-            spans.append(f'<span title="id {i}" style="background:{_COLOURS[k % len(_COLOURS)]};'
-                         f'border-radius:3px;padding:0 1px">{shown}</span>')
+            title = f"id {ids[0]}" if len(ids) == 1 else (
+                f"{len(ids)} byte tokens, ids {' '.join(map(str, ids))}")
+            spans.append(f'<span title="{title}" style="background:'
+                         f'{_COLOURS[k % len(_COLOURS)]};border-radius:3px;padding:0 1px">'
+                         f'{shown}</span>')
         return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.8">'
                 + "".join(spans) + f"</div><small>{len(self.ids)} tokens</small>")
+
+
+    def _grouped(self) -> list[tuple[list[int], str]]:
+        """(ids, text) spans: a run of byte-fallback pieces (``<0xF0><0x9F>...``) becomes the
+        characters its bytes spell, so an emoji reads as itself, with its ids in the title."""
+        out: list[tuple[list[int], str]] = []
+        run_ids: list[int] = []
+        run_bytes = bytearray()
+        for i, p in [*zip(self.ids, self.pieces), (None, "")]:
+            m = _BYTE_PIECE.fullmatch(p)
+            if m:
+                run_ids.append(i)
+                run_bytes.append(int(m.group(1), 16))
+                continue
+            if run_ids:
+                out.append((run_ids, bytes(run_bytes).decode("utf-8", errors="replace")))
+                run_ids, run_bytes = [], bytearray()
+            if i is not None:
+                out.append(([i], p))
+        return out
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _split_specials(text: str, specials: dict[str, int]) -> list[str | int]:

@@ -53,10 +53,14 @@ class TrainResult:
     status: str = "finished"  # as train_config.json records it
     exit_code: int = 0  # what the command exits with: 0, 1 (failed), 130 (Ctrl-C), 143 (SIGTERM)
     target_reached: dict | None = None  # step, tokens, elapsed_s, val_bpb at target_bpb
+    val_step: int | None = None  # the step of val_loss (earlier than step after a stop)
 
     def __str__(self) -> str:
-        figures = (f"val loss {self.val_loss:.4f}, val bits/byte {self.val_bpb:.4f}"
+        figures = (f"val loss {self.val_loss:.4f}" + (f", val bits/byte {self.val_bpb:.4f}"
+                                                      if self.val_bpb is not None else "")
                    if self.val_loss is not None else "no evaluation yet")
+        if self.val_loss is not None and self.val_step not in (None, self.step):
+            figures += f" (at step {self.val_step})"
         why = f" ({self.stopped})" if self.stopped else ""
         failed = "FAILED: " if self.status.startswith("failed") else ""
         return (f"{failed}run {self.run_dir}: step {self.step}, {self.tokens:,} tokens, "
@@ -262,7 +266,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     val = out.last_val
     result = TrainResult(out.run_dir, out.step, out.tokens, out.elapsed_s,
                          val[0] if val else None, val[1].get("bpb") if val else None,
-                         out.stopped, out.status, out.exit_code, out.target_reached)
+                         out.stopped, out.status, out.exit_code, out.target_reached,
+                         out.last_val_step)
     say(str(result))
     return result
 

@@ -5,8 +5,10 @@ blocking cell queues the widgets' messages, so a click on Stop during "Run All" 
 arrive after training; the notebook therefore waits with ``result = await widget``: while a
 cell awaits, ipykernel (7.4+) still dispatches widget messages, and Stop works. Interrupt
 (SIGINT) stops the run the way Ctrl-C does on the command line: the step finishes, checkpoint
-and weights are saved, and the result comes back. ``wait()`` is the blocking form, for scripts
-and tests (there Interrupt works too, Stop only from Python).
+and weights are saved, and then the awaiting cell raises ``KeyboardInterrupt`` (one line: saved,
+resume with ...), so "Run All" and cells queued after it stop, as they do after any interrupted
+cell. Stop is a normal end: the result comes back and the next cells use it. ``wait()`` is the
+blocking form, for scripts and tests (there Interrupt works too, Stop only from Python).
 
 Everything a widget shows after it is displayed is widget *state* (an ``HTML`` value, a
 progress value), never a display handle inside an ``Output`` widget: JupyterLab's widget
@@ -45,6 +47,7 @@ class TrainingWidget:
         # set when training ends; waited on instead of Thread.join, which a KeyboardInterrupt
         # can leave reporting a live thread as finished (Python 3.11)
         self._done = threading.Event()
+        self._interrupted = False  # Interrupt / Ctrl-C was pressed: the wait raises after saving
         budget_s = int(60 * train_cfg.max_minutes) if train_cfg.max_minutes else 0
         # on a time budget the bar shows seconds elapsed of the budget, else steps of max_iters
         self.progress = W.IntProgress(value=0, min=0, max=budget_s or train_cfg.max_iters,
@@ -81,13 +84,14 @@ class TrainingWidget:
             self.status.value = "preparing data..."
             self.result = train(self.model_cfg, self.train_cfg, stop=self.stop_flag,
                                 callbacks=[self._on_row])
-            # a Stop is a normal end, not an error: the bar ends full and green
-            self.progress.max = max(1, self.progress.value if self.progress.description == "seconds"
-                                    else self.result.step)
-            self.progress.value = self.progress.max
-            self.progress.bar_style = "success"
-            word = f"stopped ({self.result.stopped})" if self.result.stopped else "done"
-            self.status.value = f"<b>{html.escape(word)}</b>: {html.escape(str(self.result))}"
+            # the bar ends where the run did: full and green when it used its steps (or its
+            # time budget), else at the step reached, blue (a Stop is no error, but not done)
+            done = self.result.status.startswith("finished")
+            if done:
+                self.progress.value = self.progress.max
+            self.progress.bar_style = "success" if done else "info"
+            word = "done" if done else "stopped"  # the reason is in the result's line, once
+            self.status.value = f"<b>{word}</b>: {html.escape(str(self.result))}"
         except BaseException as e:  # noqa: BLE001 - shown in the widget and re-raised by wait()
             self.error = e
             self.progress.bar_style = "danger"
@@ -100,8 +104,10 @@ class TrainingWidget:
         """Block until training ends and return its result; re-raise its error if it failed.
 
         A ``KeyboardInterrupt`` (Ctrl-C, or Interrupt in a notebook) stops the run gracefully:
-        the training thread finishes its step and saves checkpoint and weights, and the result
-        is returned. In a notebook prefer ``await widget``, which keeps Stop working."""
+        the training thread finishes its step and saves checkpoint and weights, then
+        ``KeyboardInterrupt`` is raised again with a line saying so (``self.result`` holds the
+        result). In a notebook prefer ``await widget``, which keeps Stop working."""
+        __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._thread is not None and not self._done.is_set():
             left = None if deadline is None else deadline - time.monotonic()
@@ -119,6 +125,7 @@ class TrainingWidget:
         import asyncio
         import signal
 
+        __tracebackhide__ = True
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, lambda *_: self.interrupt())
@@ -137,16 +144,26 @@ class TrainingWidget:
 
     def interrupt(self) -> None:
         """Stop after the current step, saving the run (what Interrupt and Ctrl-C do)."""
-        self.stop_flag.set(INTERRUPTED)
+        self._interrupted = True
+        self.stop_flag.set(INTERRUPTED, "interrupt")
         if self._thread is not None and not self._done.is_set():
             self.status.value = "interrupted: finishing the step and saving the run..."
 
     def _outcome(self) -> TrainResult:
+        __tracebackhide__ = True  # IPython shows the one line, not this module's frames
         if self.error is not None:
             raise self.error
         if self.result is None:
             raise RuntimeError("training has not finished")
+        if self._interrupted:  # stop what was queued after this cell, as any interrupt does
+            raise KeyboardInterrupt(self._saved_line())
         return self.result
+
+    def _saved_line(self) -> str:
+        r = self.result
+        return (f"{r.run_dir.name} interrupted at step {r.step}; saved; resume with "
+                "train_cfg.replace(resume=True) (the Resume cell) or: python -m minlm train "
+                f"run_name={r.run_dir.name} out_dir={r.run_dir.parent} resume=true")
 
     def _on_row(self, row: dict) -> None:
         self.rows.append(row)
@@ -224,10 +241,12 @@ class SamplingWidget:
         return text
 
 
-def run_picker(runs_df, default: list[str] | None = None) -> W.SelectMultiple:
-    """A multi-select over ``list_runs()``; its ``.value`` is the tuple of chosen run names."""
+def run_picker(runs_df, default: list[str] | None = None, first: int = 4) -> W.SelectMultiple:
+    """A multi-select over ``list_runs()``; its ``.value`` is the tuple of chosen run names:
+    ``default``, else the ``first`` rows (``list_runs`` puts the best first). Not every run:
+    with a dozen the plot's colours repeat and the side-by-side text table is cut off."""
     names = list(runs_df["run"]) if len(runs_df) else []
-    chosen = tuple(n for n in (default or names) if n in names)
+    chosen = tuple(n for n in (default or names[:first]) if n in names)
     return W.SelectMultiple(options=names, value=chosen, rows=min(10, max(3, len(names))),
                             description="runs")
 

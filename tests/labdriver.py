@@ -58,7 +58,8 @@ class JupyterLab:
              f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
              f"--LabApp.workspaces_dir={home / 'workspaces'}",
              f"--LabApp.user_settings_dir={home / 'settings'}",
-             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.expose_app_in_browser=True"],  # window.jupyterapp: errors() reads cell outputs
             cwd=root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready(120)
 
@@ -95,6 +96,22 @@ def copy_notebooks(dest: Path, edits: dict[str, list[tuple[str, str]]] | None = 
             text = text.replace(old, new)
         path.write_text(text)
     return dest
+
+
+_ERRORS_JS = """() => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  const found = [];
+  if (!panel || !panel.content || !panel.content.model) return found;
+  for (const cell of panel.content.model.cells) {
+    if (cell.type !== "code") continue;
+    for (let i = 0; i < cell.outputs.length; i++) {
+      const o = cell.outputs.get(i).toJSON();
+      if (o.output_type === "error")
+        found.push(`${o.ename}: ${o.evalue}\\n${(o.traceback || []).join("\\n")}`);
+    }
+  }
+  return found;
+}"""
 
 
 class Lab:
@@ -162,7 +179,10 @@ class Lab:
         return "[*]" in "".join(self.cell(index).locator(".jp-InputArea-prompt").all_inner_texts())
 
     def errors(self) -> list[str]:
-        return self.page.locator('[data-mime-type="application/vnd.jupyter.error"]').all_inner_texts()
+        """The error outputs of the notebook on show ("ename: evalue" and the traceback), read
+        from its model: the page renders an error as application/vnd.jupyter.stderr, the same
+        as a stderr stream, so the rendered page cannot tell them apart."""
+        return self.page.evaluate(_ERRORS_JS)
 
     def wait_for(self, predicate, timeout: float, what: str) -> None:
         end = time.monotonic() + timeout

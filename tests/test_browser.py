@@ -2,8 +2,9 @@
 
 nbval runs cells without a front end, so it cannot see a click that never reaches a busy
 kernel or a widget update the page drops. Here (MINLM_SMOKE=1, tiny models):
-- ``2_train``: Run All, click Stop while ``wait()`` blocks -> checkpoint + weights, widget says
-  stopped; the resume cell shows the same widget, and the toolbar's Interrupt stops it the same.
+- ``2_train``: Run All, press the toolbar's Interrupt while ``await widget`` waits -> checkpoint +
+  weights, one KeyboardInterrupt line, and no later cell runs; Run All again and click Stop ->
+  the next cells use the result and the resume cell says how to go on instead of training.
 - ``6_finetune_chat``: Run All, type a message + Enter -> the reply text appears.
 - ``3_inference``: drag the temperature slider, click Generate -> new text.
 Failure screenshots go to ``test-artifacts/browser/``. Needs the Debian ``chromium`` package
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -97,40 +99,67 @@ def _assert_saved(run_dir: Path) -> None:
     assert list(run_dir.glob("checkpoint*.pt")), f"no checkpoint in {run_dir}"
 
 
+def _prompt(cell) -> str:
+    """A cell's execution prompt as shown: "[3]:" ran, "[*]:" running or queued, "[ ]:" not run."""
+    return "".join(cell.locator(".jp-InputArea-prompt").all_inner_texts()).strip()
+
+
 @screenshot_on_failure
-def test_train_stop_during_run_all_then_interrupt_the_resumed_run(lab):
+def test_train_interrupt_during_run_all_saves_and_stops_the_queued_cells(lab):
+    """The toolbar's Interrupt while ``await widget`` runs: the run saves, the waiting cell
+    raises KeyboardInterrupt with one line, and Run All ends there, as for any cell."""
     lab.open("2_train.ipynb")
     lab.run_all()
-    widget, wait_cell, resume_cell = lab.cell(3), lab.cell(5), lab.cell(9)
+    widget, wait_cell = lab.cell(3), lab.cell(5)
+    status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
+    lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
+                 "training rows while `await widget` runs")
+    lab.interrupt()
+    lab.wait_idle(120)
+    stopped = _text(status)
+    assert stopped.startswith("stopped") and stopped.count("interrupted (Interrupt)") == 1, stopped
+    run_dir = _run_dir(stopped)
+    _assert_saved(run_dir)
+    end = time.monotonic() + 30  # the error output renders just after the kernel goes idle
+    while not lab.errors() and time.monotonic() < end:
+        time.sleep(0.3)
+    errors = lab.errors()
+    assert len(errors) == 1 and "KeyboardInterrupt" in errors[0], errors
+    assert "saved; resume with" in errors[0], errors[0]
+    assert "KeyboardInterrupt" in _text(wait_cell.locator(".jp-OutputArea-output"))
+    for later in (6, 7, 9):  # queued by Run All: none of them ran
+        assert _prompt(lab.cell(later)) == "[ ]:", (later, _prompt(lab.cell(later)))
+    assert "info" in (widget.locator(".minlm-progress .progress-bar").get_attribute("class") or "")
+
+
+@screenshot_on_failure
+def test_train_stop_during_run_all_ends_normally_and_does_not_resume(lab):
+    """Stop is a normal end: the next cells use the result; the resume cell does not start
+    training again by itself, it says how to go on."""
+    lab.open("2_train.ipynb")
+    lab.run_all()
+    widget, resume_cell = lab.cell(3), lab.cell(9)
     status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
     lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
                  "training rows while `await widget` runs")
     widget.get_by_role("button", name="Stop").click()  # a mouse click, as a person does
     lab.wait_for(lambda: "Stop button pressed" in _text(status), 60, "the widget saying stopped")
     first = _text(status)
-    assert first.startswith("stopped"), first
+    assert first.startswith("stopped") and first.count("Stop button pressed") == 1, first
     run_dir = _run_dir(first)
     _assert_saved(run_dir)
     steps_at_stop = int(re.search(r"step (\d+)", first.split(": run ")[1]).group(1))
     assert steps_at_stop < 100000
     assert "danger" not in (widget.locator(".minlm-progress .progress-bar").get_attribute("class") or "")
-
-    # Run All goes on: the resume cell shows the same widget, training from where it stopped
-    more = resume_cell.locator(".minlm-status, .widget-vbox > .widget-html").first
-    lab.wait_for(lambda: lab.running(9) and _step(_text(more)) > steps_at_stop, 180,
-                 "the resumed run training")
-    lab.interrupt()
-    lab.wait_for(lambda: "interrupted (Interrupt)" in _text(more), 60,
-                 "the resumed widget saying interrupted")
-    resumed = _text(more)
-    assert _run_dir(resumed) == run_dir
-    _assert_saved(run_dir)
-    ckpt_steps = [int(m) for p in run_dir.glob("checkpoint*.pt")
-                  for m in re.findall(r"\d+", p.stem)]
-    assert max(ckpt_steps, default=0) > steps_at_stop or (run_dir / "checkpoint.pt").exists()
-    lab.wait_idle(60)
+    lab.wait_idle(120)
     assert not lab.errors()
-    assert wait_cell.count() == 1
+    assert all(_prompt(lab.cell(i)).startswith("[") and _prompt(lab.cell(i)) not in ("[ ]:", "[*]:")
+               for i in (6, 7, 9))  # they ran, on the stopped run's result
+    said = _text(resume_cell.locator(".jp-OutputArea-output"))
+    assert f"stopped at step {steps_at_stop}" in said and "GO_ON = True" in said, said
+    assert resume_cell.locator(".minlm-status").count() == 0  # no second training widget
+    assert max(int(m) for p in run_dir.glob("checkpoint*.pt")
+               for m in re.findall(r"\d+", p.stem)) == steps_at_stop
 
 
 def _exchanges(cell) -> list[str]:
@@ -182,6 +211,7 @@ def test_inference_slider_and_generate(lab):
     slider = sampler.locator(".widget-slider").filter(has_text="temperature")
     readout = slider.locator(".widget-readout")
     assert _text(readout) == "0.80", sampler.locator(".widget-slider").first.inner_html()[:1500]
+    slider.locator(".noUi-handle").scroll_into_view_if_needed()  # Run All left the page below
     handle = slider.locator(".noUi-handle").bounding_box()
     page = lab.page
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
@@ -192,3 +222,13 @@ def test_inference_slider_and_generate(lab):
     sampler.get_by_role("button", name="Generate").click()
     lab.wait_for(lambda: _text(output) != before, 60, "new text after Generate")
     assert "Once upon a time, there was a little dog" in _text(output)
+    streamed = _text(lab.cell(8).locator(".jp-OutputArea-output"))
+    assert streamed.startswith("The little girl saw a big"), streamed  # the prompt, then the rest
+    box = sampler.locator("textarea").first  # an emoji reads as itself, not as <0xF0><0x9F>...
+    box.fill("A 🎈 for Tom")
+    box.press("Tab")
+    sample = sampler.locator(".minlm-sample")
+    shown = _text(sample)
+    sampler.get_by_role("button", name="Generate").click()
+    lab.wait_for(lambda: _text(sample) != shown, 60, "the emoji prompt's text")
+    assert _text(sample).startswith("A 🎈 for Tom") and "<0x" not in _text(sample), _text(sample)

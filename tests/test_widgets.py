@@ -46,8 +46,10 @@ def test_stop_button_saves_run_and_resume_works(cfgs):
     assert widget.stop_button.disabled
     assert len(widget.figure().axes[0].lines) == 2  # train and val curves
     assert bytes(widget.plot.value).startswith(b"\x89PNG")  # the live plot is widget state
-    assert widget.progress.bar_style == "success" and widget.status.value.startswith("<b>stopped")
-    assert widget.progress.value == widget.progress.max == result.step  # full, not a sliver
+    # the bar ends where the run stopped (not full and green for 6 of 500 steps), blue
+    assert widget.progress.bar_style == "info" and widget.status.value.startswith("<b>stopped")
+    assert (widget.progress.value, widget.progress.max) == (result.step, train_cfg.max_iters)
+    assert widget.status.value.count("Stop button pressed") == 1  # the reason said once
     # the log and the runs table end where the run stopped, not at the last logging interval
     assert read_log(run_dir)["step"].iloc[-1] == result.step
     assert list_runs(train_cfg.out_dir)["steps"][0] == result.step
@@ -56,6 +58,8 @@ def test_stop_button_saves_run_and_resume_works(cfgs):
     assert [r["step"] for r in resumed.rows] == list(read_log(run_dir)["step"])  # plot goes on
     final = resumed.start().wait(timeout=120)
     assert final.step == result.step + 4 and not final.stopped
+    assert resumed.progress.bar_style == "success"
+    assert resumed.progress.value == resumed.progress.max  # a run that used its steps: full
     assert read_log(run_dir)["step"].iloc[-1] == final.step
     load_run(run_dir)
 
@@ -68,12 +72,16 @@ def test_widget_reports_errors(cfgs):
     assert "error" in widget.status.value
 
 
-def test_run_picker_defaults_to_all_runs():
+def test_run_picker_defaults_to_the_best_few_runs():
+    """Regression: every run was selected, so with a dozen the colours repeated and notebook
+    4's side-by-side table was cut off; list_runs puts the best first."""
     import pandas as pd
 
     picker = run_picker(pd.DataFrame({"run": ["a", "b"]}))
     assert picker.options == ("a", "b") and picker.value == ("a", "b")
     assert run_picker(pd.DataFrame({"run": ["a", "b"]}), default=["b"]).value == ("b",)
+    many = run_picker(pd.DataFrame({"run": [f"r{i}" for i in range(12)]}))
+    assert len(many.options) == 12 and many.value == ("r0", "r1", "r2", "r3")
 
 
 def _when_training(widget, min_step, action):
@@ -93,14 +101,21 @@ def _assert_saved(result, max_iters):
     assert list_checkpoints(result.run_dir)[0][0] == result.step
 
 
-def test_interrupt_during_wait_saves_the_run(cfgs):
-    """SIGINT (Ctrl-C, or Interrupt in a notebook) while wait() blocks: graceful stop."""
+SAVED = r"interrupted at step \d+; saved; resume with"
+
+
+def test_interrupt_during_wait_saves_the_run_then_raises(cfgs):
+    """SIGINT (Ctrl-C, or Interrupt in a notebook) while wait() blocks: graceful stop, then
+    KeyboardInterrupt with one line, so what comes after the wait does not run."""
     model_cfg, train_cfg = cfgs
     widget = TrainingWidget(model_cfg, train_cfg).start()
     _when_training(widget, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
-    result = widget.wait(timeout=120)
-    _assert_saved(result, train_cfg.max_iters)
+    with pytest.raises(KeyboardInterrupt, match=SAVED) as raised:
+        widget.wait(timeout=120)
+    assert "\n" not in str(raised.value)
+    _assert_saved(widget.result, train_cfg.max_iters)
     assert "interrupted" in widget.status.value
+    assert widget.status.value.count(INTERRUPTED) == 1
 
 
 def test_await_serves_stop_and_interrupt(cfgs):
@@ -118,7 +133,9 @@ def test_await_serves_stop_and_interrupt(cfgs):
 
     widget = TrainingWidget(model_cfg, train_cfg.replace(overwrite=True)).start()
     _when_training(widget, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
-    _assert_saved(asyncio.run(widget.wait_async(timeout=120)), train_cfg.max_iters)
+    with pytest.raises(KeyboardInterrupt, match=SAVED):
+        asyncio.run(widget.wait_async(timeout=120))
+    _assert_saved(widget.result, train_cfg.max_iters)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -147,8 +164,14 @@ def test_normal_stop_leaves_the_tqdm_bar_green(cfgs, monkeypatch):
     widget = TrainingWidget(model_cfg, train_cfg.replace(verbose=True))
     widget.start()
     _when_training(widget, 4, widget.stop_button.click)
-    widget.wait(timeout=120)
-    assert bars and bars[-1].container.children[1].bar_style == "success"
+    result = widget.wait(timeout=120)
+    bar = bars[-1]
+    assert bar.container.children[1].bar_style == "success"
+    # not "100% 7/7" for a run of 500 steps: the bar says where it stopped, of what
+    text = "".join(w.value for w in bar.container.children if hasattr(w, "value")
+                   and isinstance(w.value, str)).replace("\u2007", " ")
+    assert f"stopped at {result.step} of {train_cfg.max_iters} steps" in text, text
+    assert "100%" not in text
 
 
 def test_list_runs_keeps_dpo_loss_apart(cfgs):
