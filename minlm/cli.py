@@ -192,9 +192,8 @@ def cmd_ladder(args) -> int:
     print(f"wrote {result.dir / 'ladder.csv'}, fits.csv and ladder.png")
     failed = result.table[result.table["status"] != "trained"]
     if len(failed):
-        print(f"error: {len(failed)} rung(s) did not train: "
-              f"{'; '.join(f'{r.idea}-{r.size}: {r.status} {r.reason}' for r in failed.itertuples())}",
-              file=sys.stderr)
+        said = "; ".join(f"{r.idea}-{r.size}: {r.status} {r.reason}" for r in failed.itertuples())
+        print(f"error: {len(failed)} rung(s) did not train: {said}", file=sys.stderr)
         return 1
     return 0
 

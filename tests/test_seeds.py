@@ -26,7 +26,8 @@ def _env(shared_data, tmp_path):
 
 def _minlm(args, shared_data, tmp_path, timeout=600):
     return subprocess.run([sys.executable, "-m", "minlm", *args], env=_env(shared_data, tmp_path),
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, check=False)
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                          check=False)
 
 
 TINY = ["vocab_size=512", "dim=32", "n_layers=1", "n_heads=2", "n_kv_heads=1", "block_size=32",
