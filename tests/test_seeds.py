@@ -164,3 +164,26 @@ def test_verdict_needs_two_seeds_a_side_to_judge():
     assert math.isnan(v.p) and "no seed spread to judge by" in v.text
     assert curve_at([0, 10], [1.0, 2.0], [5, 11]).tolist()[0] == 1.5
     assert math.isnan(curve_at([0, 10], [1.0, 2.0], [11])[0])
+
+
+def test_search_trains_each_candidate_over_seeds_as_a_group(tmp_path, shared_data,
+                                                             monkeypatch):
+    from minlm.search import grid, search
+
+    monkeypatch.setenv("MINLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = ModelConfig.from_preset("llama-0.5m", vocab_size=512, dim=32, n_layers=1, n_heads=2,
+                                    n_kv_heads=1, block_size=32)
+    train = TrainConfig(out_dir=str(tmp_path), max_iters=4, batch_size=4, warmup_iters=1,
+                        eval_interval=2, eval_iters=1, log_interval=2, max_docs=200,
+                        num_workers=1, verbose=False, seed=5)
+    result = search(grid(lr=[3e-3, 1e-3]), model, train, n_rungs=1, seeds=2, verbose=False)
+    assert sorted(t.name for t in result.trials) == ["trial00-lr=0.003-s0", "trial00-lr=0.003-s1",
+                                                     "trial01-lr=0.001-s0", "trial01-lr=0.001-s1"]
+    assert {(t.overrides["group"], t.overrides["seed"]) for t in result.trials} == {
+        ("trial00-lr=0.003", 5), ("trial00-lr=0.003", 6), ("trial01-lr=0.001", 5),
+        ("trial01-lr=0.001", 6)}
+    table, _ = compare([tmp_path / "search" / "trial00-lr=0.003", tmp_path / "search" /
+                        "trial01-lr=0.001"])
+    assert list(table["seeds"]) == [2, 2]
+    with pytest.raises(ValueError, match="seeds=2 sets each trial's seed and group"):
+        search(grid(seed=[1, 2]), model, train, n_rungs=1, seeds=2, name="other")
