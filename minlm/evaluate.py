@@ -345,11 +345,14 @@ def judge(runs: Sequence, at_tokens: float | None = None) -> pd.DataFrame:
 
     from minlm.seeds import verdict
 
-    groups = {n: m for n, m in _grouped(_load_runs(runs)).items()
-              if all(len(r.evals) for r in m)}
+    groups = _grouped(_load_runs(runs))
+    bare = [r.path.name for m in groups.values() for r in m if not len(r.evals)]
+    if bare:
+        raise ValueError(f"run {bare[0]} has no evaluation in its log.csv yet; judge compares "
+                         "runs at evaluated points (let it reach eval_interval, or leave it out)")
     if len(groups) < 2:
-        raise ValueError(f"judge needs at least two groups with evaluations; got "
-                         f"{', '.join(groups) or 'none'}")
+        raise ValueError(f"judge needs at least two groups of runs to compare; got "
+                         f"{', '.join(groups)}")
     reached = min(float(r.evals["tokens"].max()) for m in groups.values() for r in m)
     at = reached if at_tokens is None else float(at_tokens)
     if at > reached:

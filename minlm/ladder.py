@@ -200,7 +200,7 @@ class LadderResult:
 def _points(table, idea: str, axis: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean val bpb (and its spread over seeds) per rung of one idea, against ``axis``."""
     done = table[(table["idea"] == idea) & table["val_bpb"].notna()]
-    by = done.groupby("size", sort=True)
+    by = done.groupby("target_params", sort=True)
     column = AXES[axis][0]
     x = by[column].mean().to_numpy(float)
     y = by["val_bpb"].mean().to_numpy(float)

@@ -187,3 +187,20 @@ def test_search_trains_each_candidate_over_seeds_as_a_group(tmp_path, shared_dat
     assert list(table["seeds"]) == [2, 2]
     with pytest.raises(ValueError, match="seeds=2 sets each trial's seed and group"):
         search(grid(seed=[1, 2]), model, train, n_rungs=1, seeds=2, name="other")
+
+
+def test_judge_refuses_a_run_without_evaluations_and_a_single_group(tmp_path):
+    rng = np.random.default_rng(1)
+    _synthetic_group(tmp_path, "base", 0.0, rng, seeds=2)
+    from minlm import runs
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    cfg = ModelConfig.from_preset("llama-1m", vocab_size=512, dim=32, n_layers=1, n_heads=2,
+                                  n_kv_heads=1, block_size=32)
+    runs.save_configs(bare, cfg, TrainConfig(), meta={"params": 1})
+    runs.write_log(bare, [{"step": 1, "tokens": 10, "elapsed_s": 1, "train_loss": 5.0}])
+    with pytest.raises(ValueError, match="run bare has no evaluation in its log.csv yet"):
+        judge([tmp_path / "base", bare])
+    with pytest.raises(ValueError, match="judge needs at least two groups of runs to compare; got base"):
+        judge([tmp_path / "base"])
