@@ -87,11 +87,12 @@ def resolve_runs(runs: Sequence, runs_dir: str | os.PathLike | None = None) -> l
             continue
         try:
             out.append(resolve_run_dir(run, runs_dir))
-        except ValueError:
-            p = Path(run)
-            members = group_members(p.name, p.parent if p.parent != Path(".") else runs_dir)
+        except ValueError as e:
+            p = Path(run)  # a path's group is beside it; a bare name's in the runs folder
+            members = group_members(p.name, p.parent if os.sep in str(run) else runs_dir)
             if not members:
-                raise
+                raise type(e)(f"{e}; nor is it a seed group (no {p.name}-s0, -s1, ... of "
+                              "that group beside it)") from None
             out.extend(members)
     return out
 
