@@ -161,3 +161,25 @@ def test_two_processes_split_the_rungs_of_one_ladder(tmp_path, shared_data):
     trials = _study(out).get_trials()
     assert sorted(f.params["candidate"] for f in trials) == list(range(6))  # each rung once
     assert {f.user_attrs["pid"] for f in trials} == {p.pid for p in procs}
+
+
+def test_a_ladder_over_seeds_fits_the_mean_of_each_rung(tmp_path, shared_data, monkeypatch):
+    from minlm.ladder import ladder, read_ladder
+
+    monkeypatch.setenv("MINLM_CACHE_DIR", str(tmp_path / "cache"))
+    base = BASE.split()
+    result = ladder(["preset=gpt2-0.5m", *base], ["preset=llama-0.5m", *base],
+                    sizes="30K,50K,80K", tokens_per_param=0.03, labels=("gpt2", "llama"),
+                    out_dir=str(tmp_path), train=COMMON.split(), evals=1, heartbeat=1,
+                    seeds=2, verbose=False)
+    table = result.table
+    assert len(table) == 12 and set(table["status"]) == {"trained"}
+    assert sorted(table["seed"].unique()) == [1337, 1338]
+    assert sorted(p.name for p in (tmp_path / "ladder").glob("gpt2-30K-s*")) == [
+        "gpt2-30K-s0", "gpt2-30K-s1"]
+    means = table[table["idea"] == "llama"].groupby("target_params")["val_bpb"].mean()
+    fit = result.fits.set_index(["idea", "axis"]).loc[("llama", "compute")]
+    assert fit["rungs"] == 3
+    assert fit["E"] + fit["A"] == pytest.approx(means.iloc[0], abs=0.05)  # at x0, the first
+    again = read_ladder(tmp_path / "ladder")  # as a notebook reads it, with no training
+    assert again.fits.equals(result.fits)
