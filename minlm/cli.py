@@ -56,9 +56,11 @@ def cmd_train(args) -> int:
                               f"{args.preset} (or give the model settings as key=value)")
         args.preset, items = preset, [canonical_item(i) for i in recipe_items] + items
     args.preset, items = take_preset(items, args.preset)
+    seeds, items = take_seeds(items)
     model_items, train_items = route_items(items)
     train_cfg = TrainConfig(preset=args.preset or "").with_overrides(train_items)
-    run_dir = Path(train_cfg.out_dir) / train_cfg.run_name if train_cfg.run_name else None
+    first = f"{train_cfg.run_name}-s0" if seeds > 1 else train_cfg.run_name  # a group's first
+    run_dir = Path(train_cfg.out_dir) / first if train_cfg.run_name else None
     if train_cfg.resume and args.preset is None and run_dir and run_dir.is_dir():
         # resume with what the run saved
         model_cfg, saved_train, meta = read_configs(run_dir, args.trust_experiment)
@@ -73,8 +75,26 @@ def cmd_train(args) -> int:
         model_cfg = read_configs(resolve_run_dir(train_cfg.init_from, train_cfg.out_dir),
                                  args.trust_experiment)[0]
         model_cfg = model_cfg.with_overrides(model_items)
+    if seeds > 1 and train_cfg.resume:  # the group's name, not its first member's
+        train_cfg = train_cfg.replace(run_name=train_cfg.group or train_cfg.run_name)
     if args.dry_run:  # the resolved settings, before any check of the run folder
         return _dry_run(model=model_cfg, train=train_cfg)
+    if seeds > 1:  # sibling runs <run_name>-s0, -s1, ... of one group
+        from minlm.seeds import train_seeds
+
+        results = train_seeds(model_cfg, train_cfg, seeds,
+                              trust_experiment=args.trust_experiment)
+        group = results[0].run_dir.name.rsplit("-s", 1)[0]
+        code = 0
+        for result in results:
+            code = _report_result(result, train_cfg.verbose,
+                                  f"continue the group with: python -m minlm train "
+                                  f"run_name={group} out_dir={result.run_dir.parent} "
+                                  f"seeds={seeds} resume=true")
+        if code == 0:
+            print(f"group {group}: {seeds} seeds in {results[0].run_dir.parent}; compare it "
+                  f"with: python -m minlm compare {results[0].run_dir.parent / group} ...")
+        return code
     result = train(model_cfg, train_cfg, trust_experiment=args.trust_experiment)
     code = _report_result(result, train_cfg.verbose,
                           f"continue it with: python -m minlm train run_name={result.run_dir.name} "
@@ -95,6 +115,25 @@ def _next_commands(run_dir) -> None:
     if shipped.is_dir() and shipped.resolve() != run_dir.resolve():
         print(f"  python -m minlm compare {run} {shipped} --x time --out curves.png"
               "   # beside the shipped llama-1m")
+
+
+def take_seeds(items: list[str]) -> tuple[int, list[str]]:
+    """``seeds=N`` among key=value settings: how many seeds of the recipe to train as one
+    group (it is no config field: each member is an ordinary run with its own seed)."""
+    from minlm.config import ConfigError
+    from minlm.seeds import check_seeds
+    from minlm.settings import item_key
+
+    named = [i.partition("=")[2] for i in items if item_key(i) == "seeds"]
+    rest = [i for i in items if item_key(i) != "seeds"]
+    if not named:
+        return 1, rest
+    try:
+        value = int(named[-1])
+    except ValueError:
+        raise ConfigError(f"seeds={named[-1]!r} is invalid: must be a whole number >= 1 (the "
+                          "number of seeds of the recipe to train)") from None
+    return check_seeds(value), rest
 
 
 def _report_result(result, verbose: bool, resume_hint: str) -> int:
@@ -127,10 +166,11 @@ def cmd_search(args) -> int:
         raise ConfigError(f"--trials {args.trials} sets how many candidates --sampler tpe draws; "
                           "a grid tries each combination once (add --sampler tpe)")
     preset, overrides = take_preset(list(args.overrides), args.preset)
+    seeds, overrides = take_seeds(overrides)
     model_cfg, train_cfg, typed = parse_space(overrides, preset or "llama-1m", tpe)
     common = dict(memory_budget=args.memory, eta=args.eta, n_rungs=args.rungs, name=args.name,
                   compute_budget=args.compute, max_params=args.max_params, pruner=args.pruner,
-                  sampler=args.sampler)
+                  sampler=args.sampler, **({"seeds": seeds} if seeds > 1 else {}))
     try:
         if tpe:
             result = search(None, model_cfg, train_cfg, space=typed,
@@ -171,6 +211,46 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
                    help="import the experiment a run records even when it is a path or not "
                    "found in the local experiment folders (that runs its code: only for runs "
                    "you trust)")
+
+
+def cmd_ladder(args) -> int:
+    import shlex
+
+    import pandas as pd
+
+    from minlm.ladder import ladder
+
+    labels = tuple(x.strip() for x in args.labels.split(","))
+    result = ladder(_canonical(args.idea), _canonical(shlex.split(args.baseline)),
+                    sizes=args.sizes, tokens_per_param=args.tokens_per_param,
+                    max_minutes=args.minutes, labels=labels, name=args.name,
+                    out_dir=args.out_dir, storage=args.storage, seeds=args.seeds,
+                    train=_canonical(shlex.split(args.train)), evals=args.evals,
+                    heartbeat=args.heartbeat)
+    shown = ["idea", "size", "seed", "params", "dim", "n_layers", "tokens", "flops", "val_bpb",
+             "status"]
+    with pd.option_context("display.width", 220, "display.max_columns", 30):
+        print(result.table[shown].to_string(index=False))
+        print(result.fits.to_string(index=False))
+    for row in result.fits.itertuples():
+        if row.axis == "compute" and hasattr(row, "heldout_error") and \
+                row.heldout_error == row.heldout_error:
+            print(f"{row.idea}: the fit on the smaller rungs predicted {row.heldout_predicted:.4f}"
+                  f" bpb for the largest, measured {row.heldout_measured:.4f} (error "
+                  f"{row.heldout_error:+.4f})")
+    print(f"wrote {result.dir / 'ladder.csv'}, fits.csv and ladder.png")
+    failed = result.table[result.table["status"] != "trained"]
+    if len(failed):
+        said = "; ".join(f"{r.idea}-{r.size}: {r.status} {r.reason}" for r in failed.itertuples())
+        print(f"error: {len(failed)} rung(s) did not train: {said}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _canonical(items: list[str]) -> list[str]:
+    from minlm.settings import canonical_item
+
+    return [canonical_item(i) for i in items]
 
 
 def _sampling(args) -> dict:
@@ -289,11 +369,18 @@ def cmd_card(args) -> None:
 def cmd_compare(args) -> None:
     import pandas as pd
 
-    from minlm.evaluate import compare, side_by_side
+    from minlm.evaluate import compare, judge, side_by_side
 
     table, fig = compare(args.runs, x=args.x)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
+    if table.attrs["note"]:
+        print(table.attrs["note"])
+    if len(table) > 1 and (table["seeds"] > 1).any():  # groups of seeds: is each gap real?
+        verdicts = judge(args.runs)
+        print(f"at {verdicts['tokens'][0]:,} tokens (each run's curve interpolated there):")
+        for line in verdicts["verdict"]:
+            print(f"  {line}")
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
     if args.prompts:
@@ -494,6 +581,36 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("overrides", nargs="*", help="key=value or key=a,b,c (an axis)")
     se.set_defaults(func=cmd_search)
 
+    ld = sub.add_parser("ladder", help="train an idea and a baseline at several sizes and fit "
+                        "how each scales", description="Each rung is a run folder under "
+                        "OUT_DIR/NAME/ and a trial of one Optuna study (run it again, or from "
+                        "several processes sharing --storage, to resume or share the work). "
+                        "Width steps in whole heads, depth keeps the base's width per layer; a "
+                        "rung trains tokens-per-param x its parameters tokens, capped by "
+                        "--minutes. Fits L = E + A*x^-alpha against compute and parameters, "
+                        "extrapolates to 10x the largest rung and checks the fit on it.")
+    ld.add_argument("idea", nargs="*", help="the idea's settings as key=value (preset=NAME "
+                    "among them; default llama-1m)")
+    ld.add_argument("--baseline", default="", help="the baseline's settings in one argument, "
+                    "e.g. \"preset=llama-1m optimizer=muon\" (default: llama-1m as it is)")
+    ld.add_argument("--sizes", default="0.25M,0.5M,1M,2M", help="parameter counts of the rungs")
+    ld.add_argument("--tokens-per-param", type=float, default=20.0,
+                    help="training tokens per parameter of each rung")
+    ld.add_argument("--minutes", type=float, default=0.0,
+                    help="wall-clock cap per rung (0: none); the schedule decays by it")
+    ld.add_argument("--labels", default="idea,baseline", help="names of the two, comma-separated")
+    ld.add_argument("--name", default="ladder", help="folder under --out-dir and study name")
+    ld.add_argument("--out-dir", default="trained_models")
+    ld.add_argument("--storage", default=None, help="Optuna storage URL shared by several "
+                    "processes or machines (default: OUT_DIR/NAME/study.db)")
+    ld.add_argument("--seeds", type=_at_least(1), default=1, help="seeds per rung")
+    ld.add_argument("--train", default="", help="settings common to every rung, in one "
+                    "argument, e.g. \"max_docs=20000 eval_iters=10\"")
+    ld.add_argument("--evals", type=_at_least(1), default=4, help="evaluations per rung")
+    ld.add_argument("--heartbeat", type=_at_least(1), default=10, help="seconds between a "
+                    "trial's heartbeats; a killed rung is retried after three silent ones")
+    ld.set_defaults(func=cmd_ladder)
+
     g = sub.add_parser("generate", help="continue prompts with a trained run")
     g.add_argument("run", help="run name under trained_models/ or a run folder path")
     g.add_argument("prompts", nargs="+", help="one or more prompts (several run as one batch)")
@@ -538,10 +655,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(cd)
     cd.set_defaults(func=cmd_card)
 
-    cp = sub.add_parser("compare", help="final figures and loss curves of several runs")
-    cp.add_argument("runs", nargs="+", help="run names or run folder paths")
-    cp.add_argument("--x", default="step", choices=["step", "tokens", "time"],
-                    help="x axis of the plot of validation bits per byte")
+    cp = sub.add_parser("compare", help="final figures and loss curves of several runs or seed "
+                        "groups, and whether each gap between groups exceeds the seed spread")
+    cp.add_argument("runs", nargs="+", help="run names, run folder paths or seed groups "
+                    "(train seeds=N: the group's name; its seeds become one row and a band)")
+    cp.add_argument("--x", default="tokens", choices=["tokens", "flops", "time", "step"],
+                    help="x axis of the plot of validation bits per byte (tokens: runs with "
+                    "different batch sizes compare on the data they saw)")
     cp.add_argument("--out", default="compare.png", help="where to write the plot (PNG)")
     cp.add_argument("--prompt", dest="prompts", action="append", default=[],
                     help="also print every run's completion of this prompt (repeatable)")

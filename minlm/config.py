@@ -468,6 +468,9 @@ class TrainConfig(_Serialisable):
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     seed: int = 1337
+    # the seed group this run belongs to (``train seeds=N`` names it; its sibling runs
+    # <group>-s0, -s1, ... share it and ``compare`` shows them as one curve with a band)
+    group: str = ""
     device: Device = "auto"
     precision: Precision = "fp32"
     compile: bool = False

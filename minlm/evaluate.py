@@ -179,67 +179,213 @@ def evaluate_file(model, tokenizer, path: str | os.PathLike, max_docs: int = 0,
 
 # --- comparing runs ----------------------------------------------------------------------
 
-X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens seen"),
-          "time": ("elapsed_s", "wall time (minutes)")}
+# axis name -> (column of the loaded log, label); tokens first: the default, because runs
+# with different batch sizes take different steps for the same data
+X_AXES = {"tokens": ("tokens", "tokens seen"), "flops": ("flops", "training compute (FLOPs)"),
+          "time": ("elapsed_s", "wall time (minutes)"), "step": ("step", "step")}
 
 
-def _run_dir(run) -> Path:
-    from minlm.runs import resolve_run_dir
+@dataclass
+class _Loaded:
+    """One run as a comparison reads it: its model config as the plain dict recorded (building
+    it would import the experiment it names), its train config, its evaluations (with a FLOPs
+    column: FLOPs per token x tokens) and its group (itself when it has none)."""
 
-    return Path(run.path) if hasattr(run, "path") else resolve_run_dir(run)
+    path: Path
+    model_cfg: dict
+    train_cfg: object
+    meta: dict
+    log: object
+    evals: object
+    group: str
+
+    @property
+    def params(self) -> float:
+        from minlm.runs import recorded_params
+
+        n = recorded_params(self.model_cfg, self.meta)
+        return math.nan if n is None else n
 
 
-def compare(runs: Sequence, x: str = "step") -> tuple[pd.DataFrame, Figure]:
+def _load_runs(runs: Sequence) -> list[_Loaded]:
+    from minlm.runs import read_log, read_record
+    from minlm.seeds import resolve_runs
+
+    if isinstance(runs, (str, os.PathLike)) or not runs:
+        raise ValueError("compare() takes a list of one or more runs (names, folders or seed "
+                         "groups)")
+    out = []
+    for run_dir in resolve_runs(runs):
+        model_cfg, train_cfg, meta = read_record(run_dir)  # imports no experiment code
+        log = read_log(run_dir)
+        if len(log):
+            log["flops"] = _flops_per_token(model_cfg, meta) * log["tokens"].astype(float)
+        evals = log.dropna(subset=["val_bpb"]) if len(log) else log
+        out.append(_Loaded(run_dir, model_cfg, train_cfg, meta, log, evals,
+                           train_cfg.group or run_dir.name))
+    return out
+
+
+def _flops_per_token(model_data: dict, meta: dict) -> float:
+    """What the run recorded; else counted from its config when that imports no code (no
+    experiment); else NaN (the run has no FLOPs axis)."""
+    from minlm.config import ModelConfig
+    from minlm.flops import flops_per_token
+
+    if meta.get("flops_per_token"):
+        return float(meta["flops_per_token"])
+    if model_data.get("experiment"):
+        return math.nan
+    return float(flops_per_token(ModelConfig.from_dict(model_data)))
+
+
+def _grouped(loaded: list[_Loaded]) -> dict[str, list[_Loaded]]:
+    groups: dict[str, list[_Loaded]] = {}
+    for r in loaded:  # in the order given
+        groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def differences_note(loaded: Sequence, x: str = "tokens") -> str:
+    """One line saying in what the runs differ that the x axis or the metric must absorb
+    (batch size, vocabulary, context), and how the comparison absorbs it; "" when nothing."""
+    parts = []
+    for what, get in (("batch size", lambda r: r.train_cfg.batch_size
+                       * r.train_cfg.grad_accum_steps),
+                      ("vocabulary", lambda r: r.model_cfg.get("vocab_size")),
+                      ("context", lambda r: r.model_cfg.get("block_size"))):
+        values = sorted({get(r) for r in loaded})
+        if len(values) > 1:
+            parts.append(f"{what} ({', '.join(map(str, values))})")
+    if not parts:
+        return ""
+    how = {"step": "the x axis is steps, which do not compare across batch sizes and "
+                   "contexts (use tokens)",
+           "tokens": "the x axis is tokens seen", "flops": "the x axis is training FLOPs",
+           "time": "the x axis is wall time"}[x]
+    return f"note: these runs differ in {', '.join(parts)}; {how}, and bits per byte compare " \
+           "across tokenizers"
+
+
+def compare(runs: Sequence, x: str = "tokens") -> tuple[pd.DataFrame, Figure]:
     """Final figures of several runs (one row each, in the order given) and a figure of their
-    validation bits per byte against ``x``: "step", "tokens" or "time" (wall clock).
+    validation bits per byte against ``x``: "tokens" (the default), "flops" (training FLOPs,
+    ``minlm.flops``), "time" (wall clock) or "step".
 
     ``runs`` holds run names (under ``trained_models/`` or ``$MINLM_RUNS_DIR``), run folder
-    paths or loaded ``Run`` objects. Bits per byte put runs with different tokenizers on one
-    scale.
+    paths, loaded ``Run`` objects, or seed groups (``train seeds=N``: a group's name, or its
+    member runs): a group is one row (``val_bpb`` the mean over its seeds, ``val_bpb_sd`` their
+    standard deviation) and one curve, its mean with a band of ± one standard deviation over
+    the seeds, interpolated to common x values. Bits per byte put runs with different
+    tokenizers on one scale. ``table.attrs["note"]`` holds one line when the runs differ in
+    batch size, vocabulary or context (also the figure's title); ``judge`` says whether the
+    differences between groups exceed their seed spread.
     """
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from minlm.runs import read_log, read_record, recorded_params
-
     if x not in X_AXES:
         raise ValueError(f"x={x!r} is invalid: use one of {', '.join(X_AXES)}")
-    if isinstance(runs, (str, os.PathLike)) or not runs:
-        raise ValueError("compare() takes a list of one or more runs (names or folders)")
+    loaded = _load_runs(runs)
     column, label = X_AXES[x]
+    scale = 1 / 60 if x == "time" else 1
     rows = []
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    for run in runs:
-        run_dir = _run_dir(run)
-        model_data, train_cfg, meta = read_record(run_dir)  # imports no experiment code
-        log = read_log(run_dir)
-        evals = log.dropna(subset=["val_bpb"]) if len(log) else log
-        trains = log.dropna(subset=["train_loss"]) if len(log) else log
-        last = log.iloc[-1] if len(log) else None
+    for name, members in _grouped(loaded).items():
+        finals = []
+        for r in members:
+            log, evals = r.log, r.evals
+            trains = log.dropna(subset=["train_loss"]) if len(log) else log
+            last = log.iloc[-1] if len(log) else None
+            finals.append({
+                "params": r.params,
+                "steps": int(last["step"]) if last is not None else 0,
+                "tokens": int(last["tokens"]) if last is not None else 0,
+                "minutes": float(last["elapsed_s"]) / 60 if last is not None else math.nan,
+                "train_loss": float(trains["train_loss"].iloc[-1]) if len(trains) else math.nan,
+                "val_loss": float(evals["val_loss"].iloc[-1]) if len(evals) else math.nan,
+                "val_bpb": float(evals["val_bpb"].iloc[-1]) if len(evals) else math.nan,
+                "best_val_bpb": float(evals["val_bpb"].min()) if len(evals) else math.nan,
+            })
+        mean = {k: float(np.mean([f[k] for f in finals])) for k in finals[0]}
+        first = members[0]
+        bpbs = [f["val_bpb"] for f in finals]
         rows.append({
-            "run": run_dir.name,
-            "preset": train_cfg.preset,
-            "params": recorded_params(model_data, meta),
-            "vocab_size": model_data.get("vocab_size"),
-            "steps": int(last["step"]) if last is not None else 0,
-            "tokens": int(last["tokens"]) if last is not None else 0,
-            "minutes": round(float(last["elapsed_s"]) / 60, 2) if last is not None else math.nan,
-            "train_loss": float(trains["train_loss"].iloc[-1]) if len(trains) else math.nan,
-            "val_loss": float(evals["val_loss"].iloc[-1]) if len(evals) else math.nan,
-            "val_bpb": float(evals["val_bpb"].iloc[-1]) if len(evals) else math.nan,
-            "best_val_bpb": float(evals["val_bpb"].min()) if len(evals) else math.nan,
+            "run": name, "seeds": len(members), "preset": first.train_cfg.preset,
+            "params": int(mean["params"]) if mean["params"] == mean["params"] else None,
+            "vocab_size": first.model_cfg.get("vocab_size"),
+            "batch_size": first.train_cfg.batch_size * first.train_cfg.grad_accum_steps,
+            "block_size": first.model_cfg.get("block_size"),
+            "steps": int(mean["steps"]), "tokens": int(mean["tokens"]),
+            "minutes": round(mean["minutes"], 2),
+            **{k: mean[k] for k in ("train_loss", "val_loss", "val_bpb")},
+            "val_bpb_sd": float(np.std(bpbs, ddof=1)) if len(members) > 1 else math.nan,
+            "best_val_bpb": mean["best_val_bpb"],
         })
-        if len(evals):
-            xs = evals[column] / 60 if x == "time" else evals[column]
-            ax.plot(xs, evals["val_bpb"], marker="o", markersize=3, label=run_dir.name)
+        curves = [r.evals for r in members if len(r.evals)]
+        if len(members) == 1 and curves:
+            ax.plot(curves[0][column] * scale, curves[0]["val_bpb"], marker="o", markersize=3,
+                    label=name)
+        elif curves:
+            grid = np.unique(np.concatenate([c[column].to_numpy(float) for c in curves]))
+            grid = grid[grid <= min(c[column].max() for c in curves)]  # where every seed is
+            ys = np.stack([_curve(c, column, grid) for c in curves])  # (seeds, points)
+            mid, sd = ys.mean(axis=0), ys.std(axis=0, ddof=1)
+            line, = ax.plot(grid * scale, mid, label=f"{name} (mean of {len(curves)} seeds)")
+            ax.fill_between(grid * scale, mid - sd, mid + sd, color=line.get_color(), alpha=0.25,
+                            linewidth=0, label=f"{name} ± 1 sd over seeds")
+    note = differences_note(loaded, x)
     ax.set_xlabel(label)
     ax.set_ylabel("validation bits per byte")
     ax.grid(alpha=0.3)
+    if note:
+        ax.set_title(note.removeprefix("note: "), fontsize=7, wrap=True)
     if any(r["best_val_bpb"] == r["best_val_bpb"] for r in rows):  # at least one curve
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return pd.DataFrame(rows), fig
+    table = pd.DataFrame(rows)
+    table.attrs["note"] = note
+    return table, fig
+
+
+def _curve(evals, column: str, at):
+    from minlm.seeds import curve_at
+
+    return curve_at(evals[column].to_numpy(float), evals["val_bpb"].to_numpy(float), at)
+
+
+def judge(runs: Sequence, at_tokens: float | None = None) -> pd.DataFrame:
+    """Every pair of groups among ``runs`` (as ``compare`` takes them) judged at equal tokens:
+    each run's val bits per byte interpolated to ``at_tokens`` (default: the most tokens every
+    run reached), then Welch's t-test over the seeds (``minlm.seeds.verdict``). One row per
+    pair with the means, the difference, its standard error, p and the verdict in words."""
+    import pandas as pd
+
+    from minlm.seeds import verdict
+
+    groups = _grouped(_load_runs(runs))
+    bare = [r.path.name for m in groups.values() for r in m if not len(r.evals)]
+    if bare:
+        raise ValueError(f"run {bare[0]} has no evaluation in its log.csv yet; judge compares "
+                         "runs at evaluated points (let it reach eval_interval, or leave it out)")
+    if len(groups) < 2:
+        raise ValueError(f"judge needs at least two groups of runs to compare; got "
+                         f"{', '.join(groups)}")
+    reached = min(float(r.evals["tokens"].max()) for m in groups.values() for r in m)
+    at = reached if at_tokens is None else float(at_tokens)
+    if at > reached:
+        raise ValueError(f"at_tokens={at_tokens} is beyond the {reached:,.0f} tokens every run "
+                         "reached; use at most that")
+    values = {n: [float(_curve(r.evals, "tokens", [at])[0]) for r in m]
+              for n, m in groups.items()}
+    rows = []
+    for a, b in itertools.combinations(groups, 2):
+        v = verdict(values[a], values[b], (a, b), at)
+        rows.append({"a": a, "b": b, "tokens": int(at), "seeds_a": v.n_a, "seeds_b": v.n_b,
+                     "bpb_a": v.mean_a, "bpb_b": v.mean_b, "diff": v.diff, "stderr": v.stderr,
+                     "p": v.p, "statistic": v.statistic, "verdict": v.text})
+    return pd.DataFrame(rows)
 
 
 def side_by_side(runs: Sequence, prompts: Sequence[str], max_new_tokens: int = 60,

@@ -447,7 +447,8 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
            compute_budget: float | None = None, max_params: int | None = None,
            verbose: bool = True, storage: str | None = None,
            heartbeat: int = 10, sampler: str = "grid", space: dict | None = None,
-           n_trials: int = 0, pruner: str = "halving", seed: int | None = None) -> SearchResult:
+           n_trials: int = 0, pruner: str = "halving", seed: int | None = None,
+           seeds: int = 1, names: Sequence[str] | None = None) -> SearchResult:
     """Train each candidate (dicts of config overrides) as a run under
     ``train_cfg.out_dir/<name>/``, skipping those whose measured step memory exceeds
     ``memory_budget`` (bytes or "2GB"), and pruning with Optuna's successive-halving pruner at
@@ -475,6 +476,11 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
     steps that budget buys, so a model twice the size trains half as long, schedule included,
     and the rungs compare trials at equal compute: the question a fixed amount of hardware time
     asks. ``max_params`` skips (with the reason) candidates with more parameters.
+
+    ``seeds`` > 1 (grid only) trains every candidate that many times as one seed group
+    (``minlm.seeds``): trial ``<name>-s<k>`` with seed ``train_cfg.seed + k`` and
+    ``group=<name>``, so ``compare`` shows each candidate's spread. ``names`` gives the grid's
+    trials (and so their run folders) names of the caller's choosing, e.g. a ladder's rungs.
     """
     import optuna  # noqa: F401 - the search extra: missing, the command says so before any work
 
@@ -500,6 +506,28 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
         raise ValueError(f"eta={eta} must be >= 2 and n_rungs={n_rungs} >= 1")
     if heartbeat < 1:
         raise ValueError(f"heartbeat={heartbeat} must be a whole number of seconds >= 1")
+    if names is not None and (sampler != "grid" or len(names) != len(candidates)
+                              or len(set(names)) != len(names)):
+        raise ValueError(f"names must give each of the {len(candidates or [])} grid candidates "
+                         f"a distinct name; got {len(names)} names")
+    for n in names or []:
+        check_folder_name("names", n)
+    if seeds != 1:
+        from minlm.seeds import check_seeds
+
+        check_seeds(seeds)
+        if sampler != "grid":
+            raise ValueError(f"seeds={seeds} trains each grid candidate over several seeds; "
+                             "with sampler='tpe' put seed among the space instead, or use a grid")
+        clash = [c for c in candidates if "seed" in c or "group" in c]
+        if clash:
+            raise ValueError(f"seeds={seeds} sets each trial's seed and group; the candidate "
+                             f"{clash[0]} sets them too (drop seed/group from the candidates)")
+        base = list(names) if names is not None else [_trial_name(i, c)
+                                                      for i, c in enumerate(candidates)]
+        names = [f"{n}-s{k}" for n in base for k in range(seeds)]
+        candidates = [{**c, "seed": train_cfg.seed + k, "group": n}
+                      for n, c in zip(base, candidates) for k in range(seeds)]
     budget = parse_bytes(memory_budget)
     dev = resolve_device(str(device) if device is not None else train_cfg.device)
     say = _say(verbose)
@@ -514,7 +542,8 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
     configs: dict[str, tuple[ModelConfig, TrainConfig]] = {}
     runnable: list[int] = []
     for i, overrides in enumerate(candidates or []):
-        t = Trial(name=_trial_name(i, overrides), overrides=dict(overrides))
+        t = Trial(name=names[i] if names is not None else _trial_name(i, overrides),
+                  overrides=dict(overrides))
         trials.append(t)
         conf = checked(t)
         if conf is not None:

@@ -27,7 +27,7 @@ from minlm.data import _check_split
 from minlm.prepare import prepare
 from minlm.distributed import resolve_device  # noqa: F401 - kept importable from train
 from minlm.engine import Engine, StopFlag
-from minlm.flops import cpu_bf16_is_faster
+from minlm.flops import cpu_bf16_is_faster, flops_per_token
 from minlm.model import LM
 from minlm.objectives import Pretraining, epochs_to_steps, pretraining_step_tokens
 from minlm.optim import lr_at, make_optimizer
@@ -237,6 +237,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
         if cfg.compile:  # tracing and saving keep using the original module
             fwd = torch.compile(fwd)
         meta = {"params": model.num_params(), "params_non_embedding": model.num_params(True),
+                "flops_per_token": flops_per_token(model_cfg),  # compare reads it, builds nothing
                 "tokenizer_path": str(tok_path), "tokenizer_hash": tokenizer.hash,
                 "data_meta": shards.meta, "data_files": _data_files(shards.meta),
                 "data_from_run": _data_from_run(cfg.data, final),
