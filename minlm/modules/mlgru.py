@@ -34,8 +34,8 @@ from minlm.tracing import Probe
 # flops: none beyond the four projections (gates and scan are element-wise, uncounted by MFU)
 @register_mixer("mlgru", state="recurrent", options={"scan": "fused"},
                 examples={"scan": "reference"}, forms={"scan": tuple(LINEAR_SCANS)},
-                # saved per token: gates and inputs (6 C) and 3 C per scan doubling
-                memory=lambda cfg, T: cfg.dim * (6 + 3 * (T - 1).bit_length()))
+                # saved per token by the default (fused) scan: gates, inputs, decays and states
+                memory=lambda cfg, T: 9 * cfg.dim)
 class MLGRU(TokenMixer):
     """Token mixer with a recurrent state instead of a KV cache.
 
