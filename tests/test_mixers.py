@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minlm import LM, ModelConfig
+from minlm.errors import ConfigError as ConfigErrorType
 from minlm.generate import TokenStream
 from minlm.modules import registry
 
@@ -340,3 +341,68 @@ def test_layouts_with_several_mixers_decode_like_the_full_forward(mixer, block_s
         ids, logits = _stream(model, prompt, 20, **kw)
         assert (logits - ref_logits).abs().max().item() < 1e-5, kw
         assert torch.equal(ids, ref_ids), kw
+
+
+# --- fast forms against their references (generated from the registrations' ``forms``) -------
+
+FORM_CASES = [(n, opt, form, extra) for n, s in MIXERS.items() for opt, forms in s.forms.items()
+              for form in forms if form != "reference"
+              for extra in [{}] + [{k: v} for k, v in s.examples.items() if k != opt]]
+FORM_IDS = [f"{n}-{opt}={form}" + "".join(f"-{k}={v}" for k, v in extra.items())
+            for n, opt, form, extra in FORM_CASES]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Within 1e-5 of each other, relative to the larger of one and the values' size."""
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("name, opt, form, extra", FORM_CASES, ids=FORM_IDS)
+def test_every_fast_form_equals_its_reference(name, opt, form, extra):
+    """Each form a mixer declares (``forms=``) against its ``"reference"``, with each of the
+    mixer's example options: logits and every parameter's gradient in training, and the
+    state a cache carries into a second call (recurrent mixers), within 1e-5 in fp32."""
+    fast_model = build("mixer", name, {**extra, opt: form}, perturb=True).train()
+    ref_model = build("mixer", name, {**extra, opt: "reference"}).train()
+    ref_model.load_state_dict(fast_model.state_dict())
+    idx = torch.randint(0, 64, (3, 24))
+    results = []
+    for model in (fast_model, ref_model):
+        logits, loss = model(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (fast_logits, fast_grads), (ref_logits, ref_grads) = results
+    assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
+    assert _close(fast_logits, ref_logits)
+    assert fast_grads.keys() == ref_grads.keys() and fast_grads
+    for k in ref_grads:
+        assert _close(fast_grads[k], ref_grads[k]), k
+    if MIXERS[name].state == "recurrent":  # a second call continues from the carried state
+        from minlm.kvcache import KVCache
+
+        outs = []
+        for model in (fast_model, ref_model):
+            cache = KVCache.for_model(model, 3)
+            with torch.no_grad():
+                model(idx[:, :10], cache=cache)
+                outs.append(model(idx[:, 10:], positions=torch.arange(10, 24), cache=cache)[0])
+        assert _close(*outs)
+
+
+def test_forms_must_name_the_reference_and_the_default():
+    from minlm.modules.registry import TokenMixer, register_mixer
+
+    with pytest.raises(ValueError, match="forms of 'scan' must .* name 'reference'"):
+        register_mixer("formless", options={"scan": "quick"}, forms={"scan": ("quick",)})(
+            type("Formless", (TokenMixer,), {}))
+    assert "formless" not in registry.mixers()
+    with pytest.raises(ConfigErrorType, match=r"mixer_options scan='quick' is invalid for mamba: "
+                                              r"must be one of 'chunked', 'reference'"):
+        mixer_config("mamba", scan="quick")
+
+
+def test_every_mixer_with_forms_is_reached_by_the_form_test():
+    with_forms = {n for n, s in MIXERS.items() if s.forms}
+    assert with_forms == {n for n, *_ in FORM_CASES}
+    assert {"mamba", "griffin", "mlgru", "diffattn"} <= with_forms

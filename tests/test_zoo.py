@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minlm import LM, ModelConfig, trace
 from minlm.config import ConfigError
@@ -325,6 +326,42 @@ def test_packed_model_gives_the_same_logits(name, tmp_path):
     sizes = checkpoint_sizes(model, tmp_path / "sizes")
     assert sizes["ternary"] < sizes["bf16"] < sizes["fp32"]
     assert sizes["ternary+bf16"] < sizes["ternary"]
+
+
+def test_bitlinear_quantises_each_weight_once_per_value_and_equals_the_formula():
+    """The forward quantises the weight once per value of it (cached; an optimizer step or
+    load_state_dict changes it in place and so invalidates the cache), with values and
+    gradients exactly those of the formula F.linear(ste(x, q(x)), ste(w, q(w)), b)."""
+    import minlm.modules.bitlinear as bl
+
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16, bias=True)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    calls = []
+    real = bl.quantize_weight
+    bl.quantize_weight = lambda w: calls.append(1) or real(w)
+    try:
+        for step in range(3):
+            x = torch.randn(4, 7, 32)
+            xs = [x.clone().requires_grad_() for _ in range(2)]
+            y = layer(xs[0])
+            layer(xs[0])  # a second forward of the same step (e.g. accumulation): no new call
+            assert len(calls) == step + 1
+            w = layer.weight.detach().clone().requires_grad_()
+            ref = F.linear(bl.ste(layer.norm(xs[1]), quantize_activations(layer.norm(xs[1]))),
+                           bl.ste(w, real(w)), layer.bias)
+            assert torch.equal(y, ref)
+            g = torch.randn_like(y)
+            grads = torch.autograd.grad(y, [xs[0], layer.weight], g)
+            ref_grads = torch.autograd.grad(ref, [xs[1], w], g)
+            assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+            layer.weight.grad = grads[1]
+            opt.step()  # changes the weight in place: the next forward quantises again
+        state = {k: v + 1 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        assert torch.equal(layer.quantized_weight(), real(layer.weight.detach()))
+    finally:
+        bl.quantize_weight = real
 
 
 def test_packing_a_model_without_bitlinear_is_refused(tmp_path):

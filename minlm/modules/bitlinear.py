@@ -70,6 +70,31 @@ def quantize_activations_ste(x: torch.Tensor, bits: int = 8, eps: float = 1e-5) 
     return _QuantizeActivationsSTE.apply(x, bits, eps)
 
 
+class _WeightSTE(torch.autograd.Function):
+    """``ste(w, q)`` for a precomputed ``q``: returns q itself, passes the gradient to w, where
+    ``q.detach() + (w - w.detach())`` makes two more passes over the weight each way."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q.view_as(q)  # a new tensor object: the cached q gets no autograd history
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _cached(module: nn.Module, source: torch.Tensor, make):
+    """``make()`` computed once per value of ``source``: recomputed when its storage, version
+    counter (bumped by every in-place change: an optimizer step, ``load_state_dict``), dtype
+    or device changes. Kept in the module's ``__dict__``, so it is never saved."""
+    key = (source.data_ptr(), source._version, source.dtype, source.device)
+    entry = module.__dict__.get("_cached_quantized")
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = module.__dict__["_cached_quantized"] = (key, make())
+    return entry[1]
+
+
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
     """Four ternary values per byte: code = t + 1 in {0, 1, 2}, two bits each, low bits first."""
     codes = (t.reshape(-1) + 1).to(torch.uint8)
@@ -91,7 +116,8 @@ class BitLinear(LoggingModule):
     """A drop-in for ``nn.Linear``: RMSNorm -> 8-bit activations -> ternary weights.
 
     ``weight`` is the latent full-precision matrix the optimizer updates; the forward pass
-    only ever multiplies by its ternary quantisation (``quantized_weight()``).
+    only ever multiplies by its ternary quantisation (``quantized_weight()``), computed once
+    per value of the weight (once per optimizer step in training, once in all for decoding).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -104,11 +130,13 @@ class BitLinear(LoggingModule):
         nn.init.normal_(self.weight, 0.0, 0.02)
 
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(self.weight)
+        """The ternary weight times its scale, a constant (no gradient), cached until the
+        weight changes."""
+        return _cached(self, self.weight, lambda: quantize_weight(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = quantize_activations_ste(self.norm(x))
-        w = ste(self.weight, self.quantized_weight())
+        w = _WeightSTE.apply(self.weight, self.quantized_weight())  # ste(weight, quantised)
         return F.linear(x, w, self.bias)
 
     def extra_flops(self, args, output) -> int:
@@ -149,8 +177,14 @@ class PackedBitLinear(LoggingModule):
         return new.to(m.weight.device)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The unpacked weight in ``dtype``, cached until the packed bytes change (or dtype)."""
         shape = (self.out_features, self.in_features)
-        return unpack_ternary(self.packed, shape, dtype) * self.scale.to(dtype)[0]
+        entry = self.__dict__.get("_unpacked")
+        key = (self.packed.data_ptr(), self.packed._version, self.scale._version, dtype)
+        if entry is None or entry[0] != key:
+            w = unpack_ternary(self.packed, shape, dtype) * self.scale.to(dtype)[0]
+            entry = self.__dict__["_unpacked"] = (key, w)
+        return entry[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

@@ -14,8 +14,9 @@ Hand-written: no maintained CPU library ships the RG-LRU. Two branches of width 
 The paper's gates are block-diagonal per head; here they are full E x E matrices (fewer
 parameters saved, simpler code). Alone this is the Hawk model; the ``hybrid-1m`` preset
 interleaves it with sliding-window attention through the per-layer ``block_spec`` list, as
-Griffin does. Training scans with the MLGRU's log-depth ``linear_scan``; decoding carries
-(the last d_conv - 1 conv inputs, h).
+Griffin does. Training scans in the form ``mixer_options={"scan": ...}`` names, as the
+MLGRU (``minlm.modules.scan``: ``"fused"``, ``"parallel"`` or ``"reference"``); decoding
+carries (the last d_conv - 1 conv inputs, h).
 
 Dimension letters: B batch, T time, C model width, E recurrence width.
 """
@@ -29,11 +30,11 @@ from torch import nn
 
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.mamba import causal_depthwise_conv, conv_step
-from minlm.modules.mlgru import linear_scan
+from minlm.modules.scan import LINEAR_SCANS
 from minlm.modules.registry import TokenMixer, option, register_mixer
 from minlm.tracing import Probe
 
-OPTIONS = {"d_conv": 4, "width": 0}  # width 0: the model width
+OPTIONS = {"d_conv": 4, "width": 0, "scan": "fused"}  # width 0: the model width
 C_EXPONENT = 8.0  # the paper's c
 
 
@@ -51,9 +52,10 @@ def _validate(cfg) -> None:
 
 @register_mixer("griffin", state="recurrent", options=OPTIONS, validate=_validate,
                 flops=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1],  # the depthwise conv
-                examples={"d_conv": 2, "width": 24},
-                # saved per token: about 16 E-wide tensors and 3 E per scan doubling
-                memory=lambda cfg, T: _sizes(cfg)[0] * (16 + 3 * (T - 1).bit_length()))
+                examples={"d_conv": 2, "width": 24, "scan": "reference"},
+                forms={"scan": tuple(LINEAR_SCANS)},
+                # saved per token by the default (fused) scan: about 18 E-wide tensors
+                memory=lambda cfg, T: 18 * _sizes(cfg)[0])
 class Griffin(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__(cfg)
@@ -67,6 +69,7 @@ class Griffin(TokenMixer):
         self.decay = nn.Parameter(torch.zeros(E))  # L: sigma(L)^c is the slowest decay
         self.o_proj = nn.Linear(E, C, bias=cfg.attn_bias)
         self.conv_out, self.recurrence_gate, self.states = Probe(), Probe(), Probe()
+        self.scan = LINEAR_SCANS[option(cfg, "griffin", "scan")]
         self.reset_special_parameters()
 
     @torch.no_grad()
@@ -101,7 +104,7 @@ class Griffin(TokenMixer):
         if valid is not None:  # padding leaves the state alone
             a = torch.where(valid, a, torch.ones_like(a))
             b = b * valid.to(b.dtype)
-        h = self.states(linear_scan(a, b, h0))  # (B, T, E)
+        h = self.states(self.scan(a, b, h0))  # (B, T, E)
         if cache is not None:
             cache.state = (conv_next, h[:, -1])
         return self.o_proj(y * h)

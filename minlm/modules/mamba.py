@@ -11,11 +11,13 @@ computation readable and CPU-friendly. Per channel e and state index n::
     y_t      = C_t . h_t + D x_t
     out      = out_proj(y * silu(z))                    gated output
 
-Training runs a chunked scan: chunks of ``scan_chunk`` positions one after another, each with
-the MLGRU's log-depth ``linear_scan`` over its E * N channels. Scanning all T at once builds
-(B, T, E, N) tensors far larger than a CPU cache; on a CPU chunks of one position (a plain
-loop) measured fastest (``bench/fast_paths.py --scan-chunks``), a GPU prefers longer chunks.
-Decoding carries (the last d_conv - 1 conv inputs, h) and costs O(1) per token.
+Training runs the selective scan in one of two forms (``mixer_options={"scan": ...}``):
+``"chunked"`` (the default), ``minlm.modules.scan.selective_scan``: a hand-written forward
+and backward over chunks of ``scan_chunk`` positions (0: as many as keep the chunk's states
+cache-sized), the contractions with B and C as batched matrix products, or ``"reference"``,
+the step-by-step loop that the formula above reads as, differentiated by autograd. The
+registry-generated tests prove the two equal in values and gradients. Decoding carries (the
+last d_conv - 1 conv inputs, h) and costs O(1) per token.
 
 Dimension letters: B batch, T time, C model width, E inner width, N state size, K conv taps,
 R rank of the step projection.
@@ -30,12 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from minlm.modules.fastpath import joint_linear
-from minlm.modules.mlgru import linear_scan
+from minlm.modules.scan import selective_scan, selective_scan_reference
 from minlm.modules.registry import TokenMixer, option, register_mixer
 from minlm.tracing import Probe
 
-# dt_rank 0: ceil(dim / 16); scan_chunk 0: 1 on a CPU (fastest there, measured), else 32
-OPTIONS = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "scan_chunk": 0}
+# dt_rank 0: ceil(dim / 16); scan_chunk 0: chunks of scan.SCAN_ELEMENTS state values
+OPTIONS = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "scan_chunk": 0,
+           "scan": "chunked"}
+SELECTIVE_SCANS = {"chunked": selective_scan, "reference": selective_scan_reference}
 
 
 def _sizes(cfg) -> tuple[int, int, int, int]:
@@ -48,6 +52,8 @@ def _validate(cfg) -> None:
     from minlm.errors import ConfigError
 
     for name in OPTIONS:
+        if name == "scan":
+            continue  # the registry checks the form's name
         value = option(cfg, "mamba", name)
         automatic = name in ("dt_rank", "scan_chunk")  # 0 picks the value
         if value < (0 if automatic else 1):
@@ -56,9 +62,10 @@ def _validate(cfg) -> None:
 
 
 def _flops(cfg, T: int) -> float:
-    """The depthwise convolution (the projections count as weights; the scan is element-wise)."""
-    E, _, K, _ = _sizes(cfg)
-    return 2 * E * K
+    """The depthwise convolution and the read-out y_t = C_t . h_t (a matrix product in the
+    chunked scan); the projections count as weights, the state update is element-wise."""
+    E, N, K, _ = _sizes(cfg)
+    return 2 * E * K + 2 * E * N
 
 
 def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
@@ -82,10 +89,13 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
 
 
 @register_mixer("mamba", state="recurrent", options=OPTIONS, validate=_validate, flops=_flops,
-                examples={"d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "scan_chunk": 5},
-                # saved per token, one position per chunk: decays and states (E N each) and
-                # about 14 E-wide tensors (branches, conv, step sizes, gates)
-                memory=lambda cfg, T: 2 * _sizes(cfg)[0] * _sizes(cfg)[1] + 14 * _sizes(cfg)[0])
+                examples={"d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "scan_chunk": 5,
+                          "scan": "reference"},
+                forms={"scan": tuple(SELECTIVE_SCANS)},
+                # saved per token by the chunked scan: about 15 E-wide tensors (branches, conv,
+                # step sizes, gates) and the state entering each chunk, E N per chunk (one
+                # chunk at small sizes; chunks hold scan.SCAN_ELEMENTS states, batch included)
+                memory=lambda cfg, T: 15 * _sizes(cfg)[0] + _sizes(cfg)[0] * _sizes(cfg)[1] / T)
 class Mamba(TokenMixer):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__(cfg)
@@ -93,6 +103,7 @@ class Mamba(TokenMixer):
         E, N, K, R = _sizes(cfg)
         self.E, self.N, self.R = E, N, R
         self.scan_chunk = option(cfg, "mamba", "scan_chunk")
+        self.scan = option(cfg, "mamba", "scan")
         self.in_proj = nn.Linear(C, 2 * E, bias=cfg.attn_bias)
         self.conv = nn.Conv1d(E, E, K, groups=E, bias=True)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
@@ -138,21 +149,13 @@ class Mamba(TokenMixer):
         u = dt * xc  # (B, T, E)
         if valid is not None:  # padding leaves the state alone: a = 1 (dt = 0), b = 0
             dt, u = dt * valid.to(dt.dtype), u * valid.to(u.dtype)
-        ys, h = [], h0  # h: (B, E, N) after each chunk
-        chunk = self.scan_chunk or (1 if x.device.type == "cpu" else 32)
-        # split, not slice per chunk: a slice's backward writes a whole (B, T, E) zero tensor
-        for dt_c, u_c, B_c, C_c in zip(*(v.split(chunk, dim=1) for v in (dt, u, Bm, Cm))):
-            a = torch.exp(dt_c.unsqueeze(-1) * A)  # (B, L, E, N)
-            b = u_c.unsqueeze(-1) * B_c.unsqueeze(2)  # (B, L, E, N)
-            L = a.shape[1]
-            hs = linear_scan(a.reshape(B, L, E * N), b.reshape(B, L, E * N),
-                             None if h is None else h.reshape(B, E * N)).view(B, L, E, N)
-            ys.append((hs * C_c.unsqueeze(2)).sum(-1))  # (B, L, E): C_t . h_t
-            h = hs[:, -1]
+        scan = SELECTIVE_SCANS[self.scan]
+        y, h = scan(dt, A, u, Bm, Cm, h0, **({"chunk": self.scan_chunk} if self.scan != "reference"
+                                              else {}))  # (B, T, E), (B, E, N)
         h = self.states(h)  # (B, E, N): the state after the last token
         if cache is not None:
             cache.state = (conv_next, h)  # (B, E, K-1), (B, E, N)
-        y = torch.cat(ys, dim=1) + self.D * xc  # (B, T, E)
+        y = y + self.D * xc  # (B, T, E)
         return self.out_proj(self.gated(y * F.silu(z)))
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache,

@@ -11,8 +11,10 @@ maintained CPU-friendly library provides this mixer.
     o_t = (g_t * h_t) W_o
 
 With ``linear="bitlinear"`` the four projections are ternary BitLinear layers, which is what
-makes the model free of floating-point matrix multiplications. The recurrence is computed
-over the whole sequence with a log-depth parallel scan; incremental decoding carries h.
+makes the model free of floating-point matrix multiplications. The recurrence over the whole
+sequence runs in the form ``mixer_options={"scan": ...}`` names (``minlm.modules.scan``):
+``"fused"`` (default; the loop with a hand-written backward), ``"parallel"`` (a log-depth
+scan) or ``"reference"`` (the plain loop); incremental decoding carries h.
 
 Dimension letters: B batch, T time, C model width.
 """
@@ -24,31 +26,16 @@ import torch.nn.functional as F
 
 from minlm.modules.bitlinear import make_linear
 from minlm.modules.fastpath import joint_linear
-from minlm.modules.registry import TokenMixer, register_mixer
+from minlm.modules.registry import TokenMixer, option, register_mixer
+from minlm.modules.scan import LINEAR_SCANS, linear_scan  # noqa: F401 - linear_scan: re-export
 from minlm.tracing import Probe
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """All h_t of h_t = a_t * h_{t-1} + b_t along dim 1, in ceil(log2 T) vectorised steps.
-
-    a, b: (B, T, C); h0: (B, C) or None (zeros). Hillis-Steele scan of the associative pairs
-    (a, b): after the step with offset d, (a_t, b_t) summarise steps t-2d+1..t.
-    """
-    T = a.shape[1]
-    d = 1
-    while d < T:
-        b = b + a * F.pad(b[:, :-d], (0, 0, d, 0))  # (B, T, C): b_{t-d}, zero before the start
-        a = a * F.pad(a[:, :-d], (0, 0, d, 0), value=1.0)  # (B, T, C): a_{t-d}, one before it
-        d *= 2
-    if h0 is not None:
-        b = b + a * h0.unsqueeze(1)  # (B, T, C): a now holds the products a_1 ... a_t
-    return b
-
-
 # flops: none beyond the four projections (gates and scan are element-wise, uncounted by MFU)
-@register_mixer("mlgru", state="recurrent",
-                # saved per token: gates and inputs (6 C) and 3 C per scan doubling
-                memory=lambda cfg, T: cfg.dim * (6 + 3 * (T - 1).bit_length()))
+@register_mixer("mlgru", state="recurrent", options={"scan": "fused"},
+                examples={"scan": "reference"}, forms={"scan": tuple(LINEAR_SCANS)},
+                # saved per token by the default (fused) scan: gates, inputs, decays and states
+                memory=lambda cfg, T: 9 * cfg.dim)
 class MLGRU(TokenMixer):
     """Token mixer with a recurrent state instead of a KV cache.
 
@@ -64,6 +51,7 @@ class MLGRU(TokenMixer):
         super().__init__(cfg)
         C = cfg.dim
         self.layer_idx = layer_idx
+        self.scan = LINEAR_SCANS[option(cfg, "mlgru", "scan")]
         self.f_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
         self.cand_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
         self.g_proj = make_linear(cfg, C, C, bias=cfg.attn_bias)
@@ -82,7 +70,7 @@ class MLGRU(TokenMixer):
             a = torch.where(valid, a, torch.ones_like(a))
             b = b * valid.to(b.dtype)
         h0 = getattr(cache, "state", None) if cache is not None else None
-        h = self.hidden(linear_scan(a, b, h0))  # (B, T, C)
+        h = self.hidden(self.scan(a, b, h0))  # (B, T, C)
         if cache is not None:
             cache.state = h[:, -1]  # (B, C)
         g = torch.sigmoid(self.g_proj(x))  # (B, T, C)

@@ -18,7 +18,12 @@ registration declares what every path needs, so nothing else in ``minlm`` lists 
   ``torch.utils.flop_counter`` measures them (a test checks they agree); element-wise work
   is not counted; ``memory(cfg, T)``: values per token the mixer's forward saves for
   backward (its input included), checked within 10 % of a measurement by the tests;
-- ``validate(cfg)``: extra checks with the same clear errors as the config's own.
+- ``validate(cfg)``: extra checks with the same clear errors as the config's own;
+- ``forms``: for an option that chooses how the same values are computed (``scan``:
+  ``("chunked", "reference")``), the names it may take, ``"reference"`` among them: the plain
+  form a learner reads. The registry refuses other values, and the generated tests check
+  every other form against the reference in values and gradients, so a fast form cannot be
+  added without that check.
 
 Mixers are built as ``cls(cfg, layer_idx)`` (passing ``cfg`` on to ``TokenMixer.__init__``,
 which makes a trace count the declared ``flops``) and called as ``mixer(x, positions=, cache=,
@@ -57,6 +62,7 @@ class MixerSpec:
     validate: Callable[[Any], None] | None = None
     positional: bool = False  # reads RoPE/ALiBi positions (attention does, recurrences don't)
     requires: dict[str, Any] = field(default_factory=dict)  # config fields it needs (tests)
+    forms: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> form names
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,30 @@ def register_mixer(name: str, **spec):
             - set(spec.get("config_fields", ()))
         if unknown:
             raise ValueError(f"mixer {name!r}: examples for undeclared options {sorted(unknown)}")
+        forms = spec.get("forms", {})
+        for opt, names in forms.items():
+            default = spec.get("options", {}).get(opt)
+            if "reference" not in names or default not in names:
+                raise ValueError(f"mixer {name!r}: forms of {opt!r} must be declared in options "
+                                 f"and name 'reference' and the default; got {names}")
+        if forms:
+            spec["validate"] = _checking_forms(name, forms, spec.get("validate"))
         _MIXERS[name] = MixerSpec(name, cls, **spec)
         return cls
     return wrap
+
+
+def _checking_forms(name: str, forms: dict, validate):
+    """``validate`` preceded by the check that each form option names a declared form."""
+    def check(cfg) -> None:
+        for opt, names in forms.items():
+            value = option(cfg, name, opt)
+            if value not in names:
+                raise ConfigError(f"mixer_options {opt}={value!r} is invalid for {name}: must be "
+                                  f"one of {', '.join(map(repr, names))}")
+        if validate is not None:
+            validate(cfg)
+    return check
 
 
 def register_channel_mixer(name: str, **spec):
