@@ -113,7 +113,7 @@ class _TuneConfig(_Serialisable):
     checkpoint_interval: int = 50  # steps between checkpoints (also at the end)
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # stop as failed after this many non-finite steps in a row
-    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (see minlm.loggers)
+    logger: str = ""  # also log rows to "tensorboard", "mlflow", "wandb" (see minlm.loggers)
 
     def __post_init__(self) -> None:
         self._check_types()  # also rejects NaN / infinity in float fields
