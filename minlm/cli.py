@@ -351,6 +351,20 @@ def _read_line() -> str:
 def cmd_eval(args) -> None:
     from minlm.evaluate import evaluate_file
 
+    if (args.data is None) == (args.tasks is None):
+        raise ValueError("eval takes --data FILE (loss, bits per byte) or --tasks NAMES "
+                         "(lm-evaluation-harness), one of the two")
+    if args.tasks is not None:
+        from lm_eval.utils import make_table  # lazy: lm_eval is an optional extra
+
+        from minlm.harness import evaluate_tasks
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        results = evaluate_tasks(args.run, tasks, limit=args.limit, batch_size=args.batch_size,
+                                 device=args.device, num_fewshot=args.num_fewshot,
+                                 trust_experiment=args.trust_experiment)
+        print(make_table(results))
+        return
     run = _load_run(args)
     result = evaluate_file(run.model, run.tokenizer, args.data, max_docs=args.max_docs,
                            batch_size=args.batch_size)
@@ -635,10 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat, max_new_tokens=200)
 
     e = sub.add_parser("eval", help="loss, perplexity, bits per byte and top-k accuracy of a run "
-                       "over a whole text file")
+                       "over a whole text file, or lm-evaluation-harness tasks (--tasks)")
     e.add_argument("run", help="run name under trained_models/ or a run folder path")
-    e.add_argument("--data", required=True,
+    e.add_argument("--data", default=None,
                    help="held-out text file (.txt, .jsonl, .json or .parquet)")
+    e.add_argument("--tasks", default=None,
+                   help="lm-evaluation-harness tasks, comma-separated (minlm's own: "
+                   "tinystories_nextword; hub tasks such as hellaswag need internet)")
+    e.add_argument("--limit", type=float, default=None,
+                   help="--tasks: at most this many documents per task (or a fraction)")
+    e.add_argument("--num-fewshot", type=_at_least(0), default=None,
+                   help="--tasks: examples placed before each question")
     e.add_argument("--batch-size", type=_at_least(1), default=16, help="windows per forward pass")
     e.add_argument("--max-docs", type=_at_least(0), default=0,
                    help="only the first N documents (0: all)")

@@ -487,7 +487,7 @@ class TrainConfig(_Serialisable):
     init_from: str = ""  # a run (name or folder) whose weights this new run starts from
     keep_best: bool = False  # also keep the best evaluation's weights (model-best.safetensors)
     patience: int = 0  # stop after this many evaluations in a row above the best; 0: never
-    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (comma-separated)
+    logger: str = ""  # also log rows to "tensorboard", "mlflow", "wandb" (comma-separated)
     target_bpb: float = 0.0  # record the first evaluation at or below this val bits/byte; 0: off
     stop_at_bpb: float = 0.0  # end the run at the first evaluation at or below this; 0: never
 
@@ -538,7 +538,7 @@ def check_folder_name(name: str, value: str) -> None:
               "surrounding spaces (the folder is created under out_dir)")
 
 
-LOGGERS = ("tensorboard", "mlflow")  # see minlm.loggers
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # see minlm.loggers
 
 
 def logger_names(spec: str) -> list[str]:

@@ -124,6 +124,9 @@ class Objective:
         """The plain ``LM`` whose weights the run folder keeps (LoRA: merged)."""
         return model
 
+    def save_beside(self, model: torch.nn.Module, run_dir: Path) -> None:
+        """Files the run folder keeps beside its weights (LoRA: the adapter, as peft saves it)."""
+
 
 @dataclass
 class Outcome:
@@ -249,6 +252,7 @@ class Engine:
     def _save_weights(self, model_state: dict | None = None) -> None:
         exported = self.objective.export(self.model)
         runs.save_weights(self.run_dir, exported, model_state if exported is self.model else None)
+        self.objective.save_beside(self.model, self.run_dir)
 
     def checkpoint(self) -> bool:
         """Checkpoint, weights and log; False (and a failed stop) when they cannot be written."""
@@ -594,6 +598,8 @@ class Engine:
                     params[n].copy_(v)
             name = runs.WEIGHTS if self.objective.final_is_best else runs.BEST_WEIGHTS
             runs.save_weights(self.run_dir, self.objective.export(self.model), filename=name)
+            if name == runs.WEIGHTS:
+                self.objective.save_beside(self.model, self.run_dir)
         except OSError as e:
             self.fail(str(e))  # "could not write <file>: why"
         finally:

@@ -177,6 +177,48 @@ def evaluate_file(model, tokenizer, path: str | os.PathLike, max_docs: int = 0,
     return evaluate_text(model, tokenizer, docs, block_size, batch_size, ks)
 
 
+@torch.no_grad()
+def score_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int = 16,
+                        pad_id: int = 0) -> list[tuple[float, bool]]:
+    """For each (ids, n): the summed log-probability (nats) of the last ``n`` ids given the ones
+    before them, and whether greedy decoding would have produced exactly those ``n`` ids.
+
+    What lm-evaluation-harness asks of a model (``minlm.harness``). Rows of up to
+    ``block_size + 1`` ids run in right-padded batches of similar lengths (a causal model's
+    real positions never see the padding after them); eval mode for the duration.
+    """
+    limit = model.config.block_size + 1
+    for k, (ids, n) in enumerate(rows):
+        if not 1 <= n < len(ids) or len(ids) > limit:
+            raise ValueError(f"row {k}: {len(ids)} ids scoring the last {n}; need "
+                             f"1 <= n < len(ids) <= block_size + 1 = {limit}")
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda k: -len(rows[k][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            T = len(rows[chunk[0]][0]) - 1  # the longest row of the chunk, as inputs
+            x = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T)
+            for b, k in enumerate(chunk):
+                ids = rows[k][0]
+                x[b, :len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            logits, _ = model(x.to(device))
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            for b, k in enumerate(chunk):
+                ids, n = rows[k]
+                at = slice(len(ids) - 1 - n, len(ids) - 1)  # positions predicting the last n
+                want = torch.tensor(ids[-n:], dtype=torch.long, device=logp.device)  # (n,)
+                picked = logp[b, at].gather(-1, want[:, None]).squeeze(-1)  # (n,)
+                greedy = bool((logp[b, at].argmax(dim=-1) == want).all())
+                out[k] = (float(picked.sum()), greedy)
+    finally:
+        model.train(was_training)
+    return out
+
+
 # --- comparing runs ----------------------------------------------------------------------
 
 # axis name -> (column of the loaded log, label); tokens first: the default, because runs

@@ -17,7 +17,9 @@ running the ``SFT`` or ``DPO`` objective of ``minlm.objectives``, so fine-tuning
 resumes exactly (``resume=true``), checks free space, handles Ctrl-C / SIGTERM and non-finite
 losses exactly as pretraining does. SFT trains on the tokens a mode selects (``response``:
 assistant turns), evaluating the same loss on held-out conversations and stopping early when
-it rises; the best weights are kept. LoRA lives in ``minlm.lora``.
+it rises; the best weights are kept. LoRA lives in ``minlm.lora``; a LoRA fine-tune of a run
+that exports to transformers also keeps its adapter in PEFT's format in ``<run>/adapter/``
+(``minlm.adapters``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minlm import runs
+from minlm.adapters import ADAPTER_DIR
 from minlm.chatdata import (
     Mode,
     chat_examples,
@@ -47,6 +50,7 @@ from minlm.config import (
     logger_names,
 )
 from minlm.engine import Engine, StopFlag
+from minlm.interop import exportable
 from minlm.lora import (  # noqa: F401 - re-exported: the public fine-tuning API
     LoRALinear,
     add_lora,
@@ -109,7 +113,7 @@ class _TuneConfig(_Serialisable):
     checkpoint_interval: int = 50  # steps between checkpoints (also at the end)
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # stop as failed after this many non-finite steps in a row
-    logger: str = ""  # also log rows to "tensorboard", "mlflow" or both (see minlm.loggers)
+    logger: str = ""  # also log rows to "tensorboard", "mlflow", "wandb" (see minlm.loggers)
 
     def __post_init__(self) -> None:
         self._check_types()  # also rejects NaN / infinity in float fields
@@ -295,6 +299,8 @@ def finetune(kind: str, run, cfg: _TuneConfig, stop: StopFlag | None = None,
                   tokenizer.pad_id, device)
         objective = (SFT(*common, max_len, cfg.pack) if kind == "sft"
                      else DPO(*common, cfg.beta, bool(lora_layers)))
+        if lora_layers and exportable(model_cfg):  # peft's adapter needs the transformers names
+            objective.adapter_base = parent.name
         trainable = count_trainable(model)
         planned = sum(objective.steps_per_epoch())
         planned = min(planned, cfg.max_steps) if cfg.max_steps else planned
@@ -304,7 +310,9 @@ def finetune(kind: str, run, cfg: _TuneConfig, stop: StopFlag | None = None,
         meta = {"kind": kind, "parent": parent.name, "finetune": cfg.to_dict(),
                 "params": params, "trainable_params": trainable,
                 "lora": ({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "layers": lora_layers,
-                          "merged": True} if cfg.lora_rank else None),
+                          "merged": True, "peft_adapter": (ADAPTER_DIR if objective.adapter_base
+                                                           is not None else None)}
+                         if cfg.lora_rank else None),
                 "tokenizer_hash": tokenizer.hash, "data_meta": {"path": str(data_path), **data_meta},
                 "data_files": runs.data_files([data_path]),
                 "device": str(device), "bf16": bf16, "hardware": runs.hardware(device),

@@ -109,6 +109,15 @@ def family_of(cfg: ModelConfig) -> str:
     return family
 
 
+def exportable(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` has a transformers counterpart (``family_of`` says why not)."""
+    try:
+        family_of(cfg)
+    except ValueError:
+        return False
+    return True
+
+
 def hf_config(cfg: ModelConfig):
     """The ``LlamaConfig`` or ``GPT2Config`` of ``cfg`` (refused with a reason if it has none)."""
     family = family_of(cfg)

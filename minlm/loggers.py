@@ -9,9 +9,16 @@ SQLite store ``<out_dir>/mlflow.db`` (works offline)::
 
     mlflow ui --backend-store-uri sqlite:///trained_models/mlflow.db
 
-Both receive exactly the rows the engine writes to ``log.csv`` (numeric columns, keyed by
-``step``). Several at once: ``logger=tensorboard,mlflow``. Both libraries are optional
-extras (``pip install tensorboard mlflow-skinny``), imported only when asked for.
+``logger=wandb`` logs to Weights & Biases, offline unless ``WANDB_MODE`` says otherwise: the
+run files go to ``<run>/wandb/offline-run-*/`` (no account or network needed), and
+``wandb sync <run>/wandb/offline-run-*`` uploads them later; ``WANDB_MODE=online`` (after
+``wandb login``) logs live. ``WANDB_PROJECT`` names the project (default ``minlm``)::
+
+    python -m minlm train --preset llama-1m logger=wandb
+
+Each receives exactly the rows the engine writes to ``log.csv`` (numeric columns, keyed by
+``step``). Several at once: ``logger=tensorboard,mlflow,wandb``. The libraries are optional
+extras (``pip install tensorboard mlflow-skinny wandb``), imported only when asked for.
 """
 
 from __future__ import annotations
@@ -75,7 +82,22 @@ class MLflowLogger:
         self.mlflow.end_run("FAILED" if status.startswith("failed") else "FINISHED")
 
 
+class WandbLogger:
+    def __init__(self, run_dir: Path, run_name: str, config: dict):
+        wandb = _need("wandb", "wandb", "wandb")  # lazy: an optional extra, slow to import
+        mode = os.environ.get("WANDB_MODE") or "offline"  # offline: no account, no network
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "minlm", name=run_name,
+                              dir=str(run_dir), mode=mode, config=config, reinit="create_new")
+
+    def log(self, row: dict) -> None:
+        self.run.log(_numbers(row), step=int(row["step"]))
+
+    def close(self, status: str) -> None:
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=1 if status.startswith("failed") else 0)
+
+
 def make_loggers(spec: str, run_dir: Path, run_name: str, config: dict) -> list:
     """The loggers ``spec`` names, writing beside ``run_dir`` (the folder being written)."""
-    kinds = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+    kinds = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger, "wandb": WandbLogger}
     return [kinds[n](run_dir, run_name, config) for n in logger_names(spec)]

@@ -1,7 +1,9 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the linear layers of a frozen model.
 
-Written here rather than taken from ``peft``: it is twenty lines on top of ``nn.Linear``,
-and merging back into the plain ``LM`` keeps run folders library-free.
+Written here rather than trained through ``peft``: it is twenty lines on top of ``nn.Linear``
+that training, tracing, DPO's reference and merging share, and merging back into the plain
+``LM`` keeps run folders library-free. The adapters are saved in PEFT's own format as well
+(``minlm.adapters``), so peft loads them on a run's transformers export.
 
 Dimension letters: R LoRA rank.
 """

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,16 @@ class _Epochs(Objective):
         merged = copy.deepcopy(model)
         merge_lora(merged)
         return merged
+
+    adapter_base: str | None = None  # set (to the parent run's name): also save the adapter
+
+    def save_beside(self, model, run_dir: Path) -> None:
+        """With LoRA, the adapters in PEFT's format too (``minlm.adapters``), which peft loads
+        on top of the parent's transformers export."""
+        if self.adapter_base is not None:
+            from minlm.adapters import ADAPTER_DIR, save_adapter
+
+            save_adapter(model, run_dir / ADAPTER_DIR, base=self.adapter_base)
 
 
 # --- SFT ------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""TensorBoard and MLflow receive the rows of log.csv, and their own readers load them back."""
+"""TensorBoard, MLflow and Weights & Biases receive the rows of log.csv, and their own readers
+load them back."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import pytest
 
@@ -17,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def shard_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MINLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the default is offline
 
 
 def tiny_run(tmp_path, logger: str):
@@ -59,7 +63,46 @@ def test_mlflow_logger_writes_the_log_rows(tmp_path):
         same_rows(column, [(m.step, m.value) for m in history], log)
 
 
+def wandb_rows(path) -> tuple[dict, list[dict]]:
+    """(run record, history rows) of an offline .wandb file, scanned by wandb's own DataStore."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    store = DataStore()
+    store.open_for_scan(str(path))
+    run, history = None, []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                            for i in record.history.item})
+    return run, history
+
+
+def test_wandb_logger_writes_the_log_rows_offline(tmp_path):
+    result, log = tiny_run(tmp_path, "wandb")
+    (offline,) = (result.run_dir / "wandb").glob("offline-run-*")  # offline by default
+    (path,) = offline.glob("*.wandb")
+    run, history = wandb_rows(path)
+    assert run.display_name == "logged" and run.project == "minlm"
+    for column in ("train_loss", "val_loss", "lr"):
+        same_rows(column, [(r["_step"], r[column]) for r in history if column in r], log)
+
+
+def test_missing_logger_package_names_the_install(tmp_path, monkeypatch):
+    from minlm.loggers import make_loggers
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(ConfigError, match=r"^logger='wandb' needs the wandb package: "
+                                          r"pip install wandb$"):
+        make_loggers("wandb", tmp_path, "x", {})
+
+
 def test_unknown_logger_is_refused():
-    with pytest.raises(ConfigError, match="logger='wandb' is invalid: wandb is not one of "
-                                          "tensorboard, mlflow"):
-        TrainConfig(logger="wandb")
+    with pytest.raises(ConfigError, match="logger='neptune' is invalid: neptune is not one of "
+                                          "tensorboard, mlflow, wandb"):
+        TrainConfig(logger="neptune")
