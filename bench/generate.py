@@ -10,6 +10,10 @@ alternating rounds so that machine noise hits them alike; each figure is the med
     python bench/generate.py --quick        # llama-1m only, 2 rounds (about a minute)
     python bench/generate.py                # llama-1m and llama-5m, 3 rounds
 
+At batch 1, llama.cpp (``llama-cpp-python``, when installed) runs the same weights exported
+as an f32 GGUF file (``minlm.export``) with the same number of threads: the speed a user would
+otherwise pick on a CPU. Its greedy tokens are checked against minlm's too.
+
 Models with no ``transformers`` counterpart here (``--own``: mamba-1m, griffin-1m by default)
 get a row each: minlm's tokens/s with its cache (recurrent state) and the speed-up over
 recomputing the context every token.
@@ -44,6 +48,37 @@ def contenders(ours: LM, theirs, new_tokens: int) -> dict:
         "minlm without cache": lambda idx: generate_ids(ours, idx, new_tokens, temperature=0,
                                                          use_cache=False),
     }
+
+
+def llama_cpp_contender(ours: LM, preset: str, new_tokens: int, threads: int, folder: str):
+    """A function(idx) running llama.cpp on ``ours`` exported as f32 GGUF (batch 1), or None
+    when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  (llama.cpp row skipped: pip install llama-cpp-python)")
+        return None
+    from types import SimpleNamespace
+
+    from minlm.export import export_gguf
+
+    tok = load_tokenizer(shipped_tokenizer_path(ours.config.vocab_size))
+    run = SimpleNamespace(model=ours, model_config=ours.config, tokenizer=tok, name=preset)
+    path = export_gguf(run, f"{folder}/{preset}.gguf", dtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ours.config.block_size, n_batch=512,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run_llama(idx):
+        prompt = idx[0].tolist()
+        out = []
+        for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                              repeat_penalty=1.0, reset=True):
+            out.append(t)
+            if len(out) == new_tokens:
+                break
+        return torch.tensor([prompt + out])
+
+    return run_llama
 
 
 def _unfused(model, idx, new_tokens):
@@ -88,15 +123,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} thread(s), CPU, greedy, {args.new_tokens} new tokens, "
           f"median of {args.rounds} alternating rounds")
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="minlm-bench-gguf-")
     for preset in args.presets:
         ours, prompt = model_and_prompt(preset, args.new_tokens)
         cfg = ours.config
         theirs = to_hf_llama(ours)
+        llama = llama_cpp_contender(ours, preset, args.new_tokens, args.threads, folder)
         print(f"\n{preset}: {ours.num_params():,} params, block {cfg.block_size}, "
               f"prompt {len(prompt)} tokens")
         for B in args.batch_sizes:
             idx = torch.tensor([prompt] * B)
             runs = contenders(ours, theirs, args.new_tokens)
+            if B == 1 and llama is not None:
+                runs["llama.cpp (f32 GGUF)"] = llama
             with torch.inference_mode():
                 outs = {name: run(idx) for name, run in runs.items()}  # warm-up and check
             ref = outs["minlm"]
@@ -105,12 +146,15 @@ def main() -> None:
                 raise SystemExit(f"greedy tokens differ from minlm: {same}")
             seconds = measure(runs, idx, args.rounds)
             tps = {name: B * args.new_tokens / s for name, s in seconds.items()}
-            print(f"  batch {B} (greedy tokens identical across all four):")
+            print(f"  batch {B} (greedy tokens identical across all {len(runs)}):")
             for name, v in tps.items():
                 print(f"    {name:<30} {v:>9,.0f} tokens/s")
             print(f"    ratio minlm / transformers:    {tps['minlm'] / tps['transformers']:.2f}x")
             print(f"    cache speed-up (vs no cache):  "
                   f"{tps['minlm'] / tps['minlm without cache']:.2f}x")
+            if "llama.cpp (f32 GGUF)" in tps:
+                print(f"    ratio minlm / llama.cpp:       "
+                      f"{tps['minlm'] / tps['llama.cpp (f32 GGUF)']:.2f}x")
     for preset in args.own:
         own_preset(preset, args)
 

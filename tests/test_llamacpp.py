@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 
+import llama_cpp  # requirements-dev.txt installs it: a missing build fails, never skips
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from minlm.data import read_documents
 from minlm.export import export_gguf
 from minlm.generate import encode_prompt, generate_ids
 from minlm.runs import load_run
-
-llama_cpp = pytest.importorskip("llama_cpp")  # requirements-dev.txt installs it; CI has it
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
