@@ -40,7 +40,7 @@ def cmd_trace(args) -> None:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from minlm.config import ConfigError, ModelConfig, TrainConfig
+    from minlm.config import ConfigError, TrainConfig
     from minlm.runs import read_configs, resolve_run_dir
     from minlm.train import resume_data, train
 

@@ -58,8 +58,9 @@ class JupyterLab:
              f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
              f"--LabApp.workspaces_dir={home / 'workspaces'}",
              f"--LabApp.user_settings_dir={home / 'settings'}",
-             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-             "--LabApp.expose_app_in_browser=True"],  # window.jupyterapp: errors() reads cell outputs
+             "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.expose_app_in_browser=True"],  # window.jupyterapp, for errors()
             cwd=root, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready(120)
 

@@ -102,7 +102,7 @@ def _run(venv, *args: str, stdin: str | None = None) -> subprocess.CompletedProc
 def _one_line_naming(p: subprocess.CompletedProcess, extra: str) -> None:
     """Exit 2 and one ``error:`` line naming the extra (a progress bar may come before it)."""
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    errors = [line[line.index("error:"):] for line in p.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "unexpected" not in errors[0] and f'pip install "minlm[{extra}]"' in errors[0], errors
 
