@@ -149,9 +149,10 @@ class Mamba(TokenMixer):
         u = dt * xc  # (B, T, E)
         if valid is not None:  # padding leaves the state alone: a = 1 (dt = 0), b = 0
             dt, u = dt * valid.to(dt.dtype), u * valid.to(u.dtype)
-        scan = SELECTIVE_SCANS[self.scan]
-        y, h = scan(dt, A, u, Bm, Cm, h0, **({"chunk": self.scan_chunk} if self.scan != "reference"
-                                              else {}))  # (B, T, E), (B, E, N)
+        if self.scan == "reference":
+            y, h = selective_scan_reference(dt, A, u, Bm, Cm, h0)  # (B, T, E), (B, E, N)
+        else:
+            y, h = selective_scan(dt, A, u, Bm, Cm, h0, chunk=self.scan_chunk)
         h = self.states(h)  # (B, E, N): the state after the last token
         if cache is not None:
             cache.state = (conv_next, h)  # (B, E, K-1), (B, E, N)
