@@ -165,6 +165,7 @@ def test_fused_loss_equals_head_then_cross_entropy(masked, monkeypatch):
 
 # --- the whole model ----------------------------------------------------------------------
 
+@pytest.mark.numerics
 def test_llama_training_step_is_the_same_with_and_without_tricks():
     """A trainer-style forward and backward of llama-1m (two layers): loss, every gradient."""
     torch.manual_seed(0)

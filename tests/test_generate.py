@@ -69,6 +69,7 @@ def run_stream(model, prompts, n, **kw):
     return s.new_tokens.clone(), torch.stack(s.logits)  # (B, n), (n, B, V)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_generation_equals_recomputation(variant):
     """Greedy tokens identical, logits within 1e-5; 30 new tokens after a 7-token prompt also
@@ -84,6 +85,7 @@ def test_cached_generation_equals_recomputation(variant):
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
 
 
+@pytest.mark.numerics
 def test_fast_path_sees_norm_gains_and_weights_changed_after_decoding():
     """LM.step folds each RMSNorm's gain into the joined weights of the product after it; a
     gain or weight changed in place, or replaced, between generations (an optimizer step, a
@@ -103,6 +105,7 @@ def test_fast_path_sees_norm_gains_and_weights_changed_after_decoding():
     assert (logits - ref_logits).abs().max().item() < 1e-5
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["gqa-rope", "alibi", "learned", "sliding-window", "mlgru",
                                      "softcap-moe-mqa"])
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -107,6 +107,7 @@ def _stream(model, prompts, n, **kw):
     return s.new_tokens.clone(), torch.stack(s.logits)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind, name, opts", CASES, ids=IDS)
 def test_cached_decoding_equals_full_forward(kind, name, opts):
     """30 new tokens after a 7-token prompt also cross the context (24) for bounded mixers;

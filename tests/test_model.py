@@ -223,6 +223,7 @@ def test_training_forward_compiles_without_graph_breaks(position):
 SHIPPED_LOGITS = Path(__file__).parent / "golden" / "shipped_logits.safetensors"
 
 
+@pytest.mark.numerics
 def test_shipped_models_give_the_logits_recorded_before_the_registry():
     """tests/golden/shipped_logits.safetensors holds each shipped model's logits as recorded
     when it was shipped (``tests/golden/record_shipped_logits.py``); the models shipped before

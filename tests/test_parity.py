@@ -19,6 +19,7 @@ def _perturbed(name: str, **overrides) -> LM:
     return model
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("overrides", [{}, dict(n_kv_heads=1), dict(n_kv_heads=0, rope_theta=500.0),
                                        dict(tie_embeddings=False)])
 def test_llama_matches_transformers(overrides):
@@ -31,6 +32,7 @@ def test_llama_matches_transformers(overrides):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@pytest.mark.numerics
 def test_gpt2_matches_transformers():
     model = _perturbed("gpt2-1m")
     hf = to_hf_gpt2(model)
@@ -39,6 +41,7 @@ def test_gpt2_matches_transformers():
         assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.numerics
 def test_gpt2_with_kv_heads_spelled_out_is_still_gpt2():
     model = _perturbed("gpt2-1m", n_kv_heads=4, head_dim=32)  # = n_heads, = dim // n_heads
     hf = to_hf_gpt2(model)
