@@ -3,7 +3,7 @@ MLGRU, left-padded batches against rows alone, sampling filters on hand-made dis
 seeds, stop strings, streaming, chat history, and the generate/chat commands.
 
 Tiny models throughout (dim 32, 2 layers) with weights moved off their init, so logits are
-of order one and a 1e-5 tolerance means something.
+of order one and a 2e-5 tolerance (CACHE_TOL) means something.
 """
 
 import math
@@ -47,6 +47,10 @@ VARIANTS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# cached decoding against recomputation: max |logit delta| measured by bench/numerics_spread.py
+# across threads 1-3 and ATEN_CPU_CAPABILITY default / avx2 is 1.95e-6 (attention variants)
+# and 3.04e-6 (every mixer); 2e-5 leaves 6.5x over the largest, against logits of order one
+CACHE_TOL = 2e-5
 
 
 def tiny(vocab_size: int = 64, block_size: int = 24, **overrides) -> LM:
@@ -69,9 +73,10 @@ def run_stream(model, prompts, n, **kw):
     return s.new_tokens.clone(), torch.stack(s.logits)  # (B, n), (n, B, V)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_generation_equals_recomputation(variant):
-    """Greedy tokens identical, logits within 1e-5; 30 new tokens after a 7-token prompt also
+    """Greedy tokens identical, logits within CACHE_TOL; 30 new tokens after a 7-token prompt also
     cross block_size (24), so the sliding context is checked too."""
     model = tiny(**VARIANTS[variant])
     prompt = torch.randint(0, 64, (2, 7))
@@ -80,10 +85,11 @@ def test_cached_generation_equals_recomputation(variant):
     for name, kw in paths.items():
         ids, logits = run_stream(model, prompt, 30, **kw)
         assert torch.equal(ids, ref_ids), (variant, name)
-        assert (logits - ref_logits).abs().max().item() < 1e-5, (variant, name)
+        assert (logits - ref_logits).abs().max().item() < CACHE_TOL, (variant, name)
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
 
 
+@pytest.mark.numerics
 def test_fast_path_sees_norm_gains_and_weights_changed_after_decoding():
     """LM.step folds each RMSNorm's gain into the joined weights of the product after it; a
     gain or weight changed in place, or replaced, between generations (an optimizer step, a
@@ -100,9 +106,10 @@ def test_fast_path_sees_norm_gains_and_weights_changed_after_decoding():
     ref_ids, ref_logits = run_stream(model, prompt, 5, use_cache=False)
     ids, logits = run_stream(model, prompt, 5)
     assert torch.equal(ids, ref_ids)
-    assert (logits - ref_logits).abs().max().item() < 1e-5
+    assert (logits - ref_logits).abs().max().item() < CACHE_TOL
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["gqa-rope", "alibi", "learned", "sliding-window", "mlgru",
                                      "softcap-moe-mqa"])
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -113,7 +120,7 @@ def test_left_padded_batch_equals_each_prompt_alone(variant, use_cache):
     for r, p in enumerate(prompts):
         alone_ids, alone_logits = run_stream(model, [p], 12, use_cache=use_cache)
         assert ids[r].tolist() == alone_ids[0].tolist(), (variant, r)
-        assert (logits[:, r] - alone_logits[:, 0]).abs().max().item() < 1e-5, (variant, r)
+        assert (logits[:, r] - alone_logits[:, 0]).abs().max().item() < CACHE_TOL, (variant, r)
 
 
 def test_kv_cache_positions_and_padding():

@@ -5,7 +5,7 @@ experiments/ are loaded first, so their mixers are covered too; a registered mix
 a case here fails ``test_every_registered_mixer_is_covered``.
 
 Tiny models (dim 32, 2 layers, vocab 64, context 24) with weights moved off their init for
-the decoding checks, so logits are of order one and 1e-5 means something.
+the decoding checks, so logits are of order one and 2e-5 (CACHE_TOL) means something.
 """
 
 import math
@@ -20,6 +20,10 @@ from minlm.generate import TokenStream
 from minlm.modules import registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# cached decoding against recomputation: max |logit delta| measured by bench/numerics_spread.py
+# across threads 1-3 and ATEN_CPU_CAPABILITY default / avx2 is 1.95e-6 (attention variants)
+# and 3.04e-6 (every mixer); 2e-5 leaves 6.5x over the largest, against logits of order one
+CACHE_TOL = 2e-5
 
 for _pkg in sorted(registry.EXPERIMENTS_DIR.glob("*/__init__.py")):
     registry.load_experiment(_pkg.parent.name)
@@ -108,6 +112,7 @@ def _stream(model, prompts, n, **kw):
     return s.new_tokens.clone(), torch.stack(s.logits)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind, name, opts", CASES, ids=IDS)
 def test_cached_decoding_equals_full_forward(kind, name, opts):
     """30 new tokens after a 7-token prompt also cross the context (24) for bounded mixers;
@@ -119,14 +124,14 @@ def test_cached_decoding_equals_full_forward(kind, name, opts):
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
     for kw in (dict(fast=True), dict(fast=False)):
         ids, logits = _stream(model, prompt, 30, **kw)
-        assert (logits - ref_logits).abs().max().item() < 1e-5, kw
+        assert (logits - ref_logits).abs().max().item() < CACHE_TOL, kw
         assert torch.equal(ids, ref_ids), kw
     rows = [[1, 5, 9], [1, 7, 3, 30, 12, 8]]
     ids, logits = _stream(model, rows, 6)
     for r, row in enumerate(rows):
         alone_ids, alone_logits = _stream(model, [row], 6)
         assert torch.equal(ids[r], alone_ids[0])
-        assert (logits[:, r] - alone_logits[:, 0]).abs().max().item() < 1e-5
+        assert (logits[:, r] - alone_logits[:, 0]).abs().max().item() < CACHE_TOL
 
 
 @pytest.mark.parametrize("name", list(MIXERS))
@@ -339,7 +344,7 @@ def test_layouts_with_several_mixers_decode_like_the_full_forward(mixer, block_s
     ref_ids, ref_logits = _stream(model, prompt, 20, use_cache=False)
     for kw in (dict(fast=True), dict(fast=False)):
         ids, logits = _stream(model, prompt, 20, **kw)
-        assert (logits - ref_logits).abs().max().item() < 1e-5, kw
+        assert (logits - ref_logits).abs().max().item() < CACHE_TOL, kw
         assert torch.equal(ids, ref_ids), kw
 
 

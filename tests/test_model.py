@@ -223,6 +223,7 @@ def test_training_forward_compiles_without_graph_breaks(position):
 SHIPPED_LOGITS = Path(__file__).parent / "golden" / "shipped_logits.safetensors"
 
 
+@pytest.mark.numerics
 def test_shipped_models_give_the_logits_recorded_before_the_registry():
     """tests/golden/shipped_logits.safetensors holds each shipped model's logits as recorded
     when it was shipped (``tests/golden/record_shipped_logits.py``); the models shipped before
@@ -240,10 +241,13 @@ def test_shipped_models_give_the_logits_recorded_before_the_registry():
         run = load_run(Path(__file__).parents[1] / "trained_models" / name)
         with torch.no_grad():
             logits, _ = run.model(recorded[f"{name}.idx"])
-        # equal up to the order of float sums, which depends on the thread count (BitLinear's
-        # activation scale reads a max over a matmul's output, so 2 threads differ by ~6e-6)
+        # equal up to the order of float sums, which depends on the CPU kernel: measured
+        # (bench/numerics_spread.py, AMD EPYC AVX2, threads 1-3) max |delta| 1.24e-5 (gpt2-1m),
+        # 1.43e-5 (moe-1m) under ATEN_CPU_CAPABILITY=default, 1.14e-5 under avx2; 1.07e-5 on
+        # an AVX-512 Zen 4 (issue 27). 1e-4 leaves 7x over the largest; a changed forward
+        # moves logits by far more
         torch.testing.assert_close(logits[:, :, :64], recorded[f"{name}.logits"], rtol=0,
-                                   atol=1e-5, msg=name)
+                                   atol=1e-4, msg=name)
 
 
 def test_old_parameter_names_load_into_the_new_model():

@@ -190,6 +190,7 @@ def tiny_train(out, data, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.numerics
 def test_resume_across_shard_boundaries_is_exact(shared_data, tmp_path, tok):
     """Training reads a prepared folder of many small shards directly (data=<folder>), and
     stopping then resuming gives the same weights as one straight run."""

@@ -89,6 +89,7 @@ def test_existing_run_is_refused(tmp_path, shard_cache):
     assert again.step == 4
 
 
+@pytest.mark.numerics
 def test_resume_is_exact(tmp_path, shard_cache):
     """2N steps straight == N steps, stop, resume, N more: same weights, same log rows."""
     straight = train(tiny_model_cfg(dropout=0.1),
