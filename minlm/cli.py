@@ -91,7 +91,7 @@ def cmd_search(args) -> int:
     import pandas as pd
 
     from minlm.config import ConfigError, check_folder_name
-    from minlm.search import SearchInterrupted, grid, parse_space, search
+    from minlm.search import grid, parse_space, search
     from minlm.settings import take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
@@ -110,9 +110,10 @@ def cmd_search(args) -> int:
                             n_trials=args.trials or 0, seed=args.seed, **common)
         else:
             result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
-    except SearchInterrupted as e:  # Ctrl-C 130, SIGTERM 143, as train exits
-        print(e, file=sys.stderr)
-        return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (SearchInterrupted), as train
+        print(e or "search interrupted (Ctrl-C); run the same search again to resume it",
+              file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     table = result.table
     saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
