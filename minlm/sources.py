@@ -182,7 +182,8 @@ def _read_text(path: Path, split_by: str) -> Iterator[tuple[str, Record]]:
             return
         lines: list[str] = []
         start, size = 1, 0
-        for lineno, line in _lines(f, path, lambda n: start if lines else n):
+        # the lambda reads start and lines as they are when a line is refused (late binding)
+        for lineno, line in _lines(f, path, lambda n: start if lines else n):  # noqa: B023
             end = line.strip() == SEPARATOR if split_by == "doc" else not line.strip()
             if not end:
                 if not lines:
