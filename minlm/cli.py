@@ -282,7 +282,12 @@ def _finetune(args, kind: str) -> int:
         return _dry_run(**{kind: cfg})
     if args.skip_invalid:
         cfg = cfg.replace(skip_invalid=True)
-    return _report_result(fn(args.run, config=cfg), cfg.verbose, "")
+    result = fn(args.run, config=cfg)
+    data = f" --data {cfg.data}" if cfg.data else ""
+    return _report_result(result, cfg.verbose,
+                          f"continue it with: python -m minlm {kind} {args.run}{data} "
+                          f"run_name={result.run_dir.name} out_dir={result.run_dir.parent} "
+                          "resume=true")
 
 
 def cmd_sft(args) -> int:
