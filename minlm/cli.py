@@ -157,7 +157,7 @@ def cmd_search(args) -> int:
     import pandas as pd
 
     from minlm.config import ConfigError, check_folder_name
-    from minlm.search import SearchInterrupted, grid, parse_space, search
+    from minlm.search import grid, parse_space, search
     from minlm.settings import take_preset
 
     check_folder_name("--name", args.name)  # before any work; search() checks it too
@@ -177,9 +177,10 @@ def cmd_search(args) -> int:
                             n_trials=args.trials or 0, seed=args.seed, **common)
         else:
             result = search(grid(**typed) if typed else [{}], model_cfg, train_cfg, **common)
-    except SearchInterrupted as e:  # Ctrl-C 130, SIGTERM 143, as train exits
-        print(e, file=sys.stderr)
-        return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (SearchInterrupted), as train
+        print(e or "search interrupted (Ctrl-C); run the same search again to resume it",
+              file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     table = result.table
     saved = result.save()
     shown = [c for c in [*typed, "params", "steps", "tokens", "compute_flops", "val_bpb",
@@ -427,8 +428,12 @@ def _finetune(args, kind: str) -> int:
         return _dry_run(**{kind: cfg})
     if args.skip_invalid:
         cfg = cfg.replace(skip_invalid=True)
-    return _report_result(fn(args.run, config=cfg, trust_experiment=args.trust_experiment),
-                          cfg.verbose, "")
+    result = fn(args.run, config=cfg, trust_experiment=args.trust_experiment)
+    data = f" --data {cfg.data}" if cfg.data else ""
+    return _report_result(result, cfg.verbose,
+                          f"continue it with: python -m minlm {kind} {args.run}{data} "
+                          f"run_name={result.run_dir.name} out_dir={result.run_dir.parent} "
+                          "resume=true")
 
 
 def cmd_sft(args) -> int:

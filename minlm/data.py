@@ -13,6 +13,7 @@ corpora and their download, the shard reader and the batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import urllib.error
@@ -204,6 +205,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+class _Shard:
+    """One shard file of a many-shard split, memory-mapped when read: an open map holds a
+    file descriptor, so a thousand shards open at once would hit the open-file limit; the
+    last ``_open_map``'s few maps stay open."""
+
+    def __init__(self, path: Path, dtype: np.dtype, size: int):
+        self.path, self.dtype, self.size = path, np.dtype(dtype), size
+        st = os.stat(path)  # in the key: a folder prepared again maps its new files
+        self.version = (st.st_ino, st.st_mtime_ns)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, idx):
+        return _open_map(self.path, self.dtype.str, self.size, self.version)[idx]
+
+
+@functools.lru_cache(maxsize=32)
+def _open_map(path: Path, dtype: str, size: int, version: tuple) -> np.memmap:
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=(size,))
+
+
 class TokenStream:
     """Numbered shard files (memory-mapped) read as one flat token array, and an optional
     loss mask of the same length (uint8, 1 = the token is a target).
@@ -299,12 +322,16 @@ class Shards:
         arrays = {}
         for split, n in meta["tokens"].items():
             files = meta.get("files", {}).get(split, [[f"{split}.bin", n]])
-            parts = [np.memmap(folder / name, dtype=dtype, mode="r", shape=(size,))
-                     for name, size in files]
+            one = len(files) == 1  # one file: a plain memmap; many: mapped as they are read
+
+            def part(path, kind, size, one=one):
+                return (np.memmap(path, dtype=kind, mode="r", shape=(size,)) if one
+                        else _Shard(path, kind, size))
+
+            parts = [part(folder / name, dtype, size) for name, size in files]
             masks = None
             if meta.get("loss_mask"):
-                masks = [np.memmap(folder / _mask_name(name), dtype=np.uint8, mode="r",
-                                   shape=(size,)) for name, size in files]
+                masks = [part(folder / _mask_name(name), np.uint8, size) for name, size in files]
             arrays[split] = parts[0] if len(parts) == 1 and masks is None else TokenStream(parts, masks)
         return cls(arrays["train"], arrays["val"], meta, folder)
 

@@ -187,19 +187,30 @@ def staged(target: str | os.PathLike, kind: str | None, source=None, *,
     from minlm.fileio import _umask
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(target)
-    prefix = f".{target.name}.staging-{os.getpid()}-"
-    if file:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=target.suffix, dir=target.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-    else:
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=target.parent)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give it normal permissions
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale(target)
+        prefix = f".{target.name}.staging-{os.getpid()}-"
+        if file:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=target.suffix, dir=target.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())
+        else:
+            tmp = tempfile.mkdtemp(prefix=prefix, dir=target.parent)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give it normal permissions
+    except OSError as e:
+        raise OSError(f"cannot write {target}: {e.strerror or e} in {target.parent}; choose a "
+                      "folder you can write to") from None
     tmp = Path(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:  # noqa: BLE001 - re-raised as is unless the disk is full
+            full = _full(target.parent, e)
+            if full:  # numpy, safetensors and gguf each word a full disk their own way
+                raise OSError(f"cannot write {target}: the disk is full ({full}); free some "
+                              "space or write elsewhere (nothing was replaced)") from None
+            raise
         if not file:  # writers that stage through mkstemp leave 0600 (safetensors)
             for f in tmp.rglob("*"):
                 if f.is_file() and not f.is_symlink():
@@ -218,6 +229,21 @@ def staged(target: str | os.PathLike, kind: str | None, source=None, *,
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _full(folder: Path, error: Exception) -> str:
+    """How full the disk holding ``folder`` is when ``error`` came from it filling up (an
+    ENOSPC anywhere in its words, as safetensors and numpy give it, or under 64 KiB left),
+    else ''."""
+    import errno
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    said = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        w in str(error) for w in ("No space left on device", "os error 28"))
+    return f"{free:,} bytes free" if said or free < 1 << 16 else ""
 
 
 def mark_folder(folder: str | os.PathLike, kind: str, source=None) -> None:

@@ -262,18 +262,19 @@ def prepare(data: str, tokenizer, val_fraction: float = 0.0, num_workers: int = 
     # two trainings started on one corpus: one writes the folder, the other waits and reuses
     # it (the lock is a sibling: the folder itself is swapped in whole)
     lock = folder.parent / f".{folder.name}.lock"
-    with waiting_lock(lock):
-        if _is_done(folder, key):
-            if verbose:
-                tqdm.write(f"using shards {folder}, prepared meanwhile by another process")
-            return Shards.load(folder)
-        check_target(folder, "shards", overwrite=True, source=local, name="--out")
-        _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype, name,
-                      verbose, max_docs=max_docs, max_tokens=max_tokens,
-                      shard_tokens=shard_tokens, text_column=text_column, split_by=split_by,
-                      loss_mask=loss_mask, workers=num_workers)
-    # not left behind in the user's folder; a process that waited on it finds the folder done
-    lock.unlink(missing_ok=True)
+    try:
+        with waiting_lock(lock):
+            if _is_done(folder, key):
+                if verbose:
+                    tqdm.write(f"using shards {folder}, prepared meanwhile by another process")
+                return Shards.load(folder)
+            check_target(folder, "shards", overwrite=True, source=local, name="--out")
+            _write_folder(data, folder, key, tokenizer, train_src, val_src, fraction, dtype,
+                          name, verbose, max_docs=max_docs, max_tokens=max_tokens,
+                          shard_tokens=shard_tokens, text_column=text_column,
+                          split_by=split_by, loss_mask=loss_mask, workers=num_workers)
+    finally:  # not left in the user's folder; a process that waited on it finds the work done
+        lock.unlink(missing_ok=True)
     return Shards.load(folder)
 
 

@@ -52,12 +52,15 @@ PRUNERS = ("halving", "hyperband")
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the search; the message says where and how to resume, and
-    ``exit_code`` is what the command exits with (130 or 143, as ``train``)."""
+    """SIGTERM stopped the search (``exit_code`` 143, as ``train``); Ctrl-C raises a plain
+    ``KeyboardInterrupt`` (a script then ends as Python ends on Ctrl-C). Either message says
+    where the search stopped and how to resume it."""
 
-    def __init__(self, message: str, exit_code: int = 130):
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = 143
+
+
+def _interrupted(message: str, exit_code: int) -> KeyboardInterrupt:
+    return SearchInterrupted(message) if exit_code == 143 else KeyboardInterrupt(message)
 
 
 class _QuietInterrupt:
@@ -80,8 +83,9 @@ class _QuietInterrupt:
 @contextlib.contextmanager
 def _stop_signals(where: Callable[[], str]):
     """Ctrl-C and SIGTERM between trials (or before a trial's training starts) end the search
-    as they end a training: with ``SearchInterrupted`` (the trainer's own handlers take over
-    while it trains, and stop it after its step). ``where`` says what was running."""
+    as they end a training: with ``KeyboardInterrupt`` or ``SearchInterrupted`` (the
+    trainer's own handlers take over while it trains, and stop it after its step).
+    ``where`` says what was running."""
     import logging
     import signal
     import threading
@@ -99,8 +103,8 @@ def _stop_signals(where: Callable[[], str]):
     def stop(signum, _frame):
         how, code = (("interrupted (Ctrl-C)", 130) if signum == signal.SIGINT
                      else ("terminated (SIGTERM)", 143))
-        raise SearchInterrupted(f"search {how} {where()}; run the same search again to "
-                                "resume it", code)
+        raise _interrupted(f"search {how} {where()}; run the same search again to resume it",
+                           code)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -602,9 +606,9 @@ def search(candidates: Sequence[dict] | None, model_cfg: ModelConfig, train_cfg:
             raise optuna.TrialPruned()
         if t.status == "interrupted":  # the trial fails; the next run of the search resumes it
             how = "terminated (SIGTERM)" if code == 143 else "interrupted (Ctrl-C)"
-            raise SearchInterrupted(f"search {how} in {t.name} at step {t.steps}; the trial is "
-                                    "saved as interrupted: run the same search again to resume "
-                                    "it from its checkpoint", code)
+            raise _interrupted(f"search {how} in {t.name} at step {t.steps}; the trial is saved "
+                               "as interrupted: run the same search again to resume it from "
+                               "its checkpoint", code)
         return t.val_bpb if t.status == "trained" else math.nan
 
     current = [""]  # the trial being worked on, for the message of a stop between trials

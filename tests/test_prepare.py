@@ -388,3 +388,44 @@ def test_a_second_prepare_of_one_folder_waits_for_the_first(shared_data, tmp_pat
     assert Shards.load(out).meta["tokens"]["train"] > 0
     assert busy.exists() and not dead.exists()  # a live writer's staging stays, a dead one's goes
 
+
+
+def test_prepare_holds_one_shard_open_however_many_it_writes(tmp_path):
+    """Was: every shard stayed open until the end (~1000 shards: Errno 24, too many open
+    files). Here 200 shards are written under a limit of 64 open files."""
+    import resource
+
+    src = tmp_path / "many.txt"
+    src.write_text("".join(f"Once upon a time Tom{i} saw a big red ball.\n\n" for i in range(150)))
+
+    def few_files():  # in the child: a low ulimit -n
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    out = tmp_path / "many"
+    done = subprocess.run([sys.executable, "-m", "minlm", "prepare", str(src), "--tokenizer",
+                           "tinystories-512", "--out", str(out), "--shard-tokens", "10",
+                           "--workers", "1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, preexec_fn=few_files, check=False)
+    assert done.returncode == 0, done.stderr
+    files = Shards.load(out).meta["files"]["train"]
+    assert len(files) > 150 and len(list(out.glob("train-*.bin"))) == len(files)
+
+
+def test_a_huge_single_line_is_refused_before_it_is_read(tmp_path):
+    """Was: a 50 MB file without line breaks took 2.4 GB before it was refused."""
+    import resource
+
+    src = tmp_path / "one-line.txt"
+    with open(src, "w") as f:
+        for _ in range(50):
+            f.write("the cat sat on the mat " * 45_000)  # ~1 MB per write, no newline
+    done = subprocess.run([sys.executable, "-m", "minlm", "prepare", str(src), "--tokenizer",
+                           "tinystories-512", "--out", str(tmp_path / "o"), "--workers", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and f"{src}, line 1: a document longer than" in lines[0]
+    assert "--split-by line" in lines[0] or "blank lines" in lines[0]
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    assert peak_mb < 1500, peak_mb  # the largest child so far (imports included), not 2.4 GB
+    assert not (tmp_path / "o").exists()
