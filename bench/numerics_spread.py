@@ -36,7 +36,6 @@ def measure() -> dict[str, float]:
     import test_parity
     from safetensors.torch import load_file
 
-    from minlm import fast
     from minlm.interop import to_hf_gpt2, to_hf_llama
     from minlm.runs import load_run
 
@@ -84,21 +83,9 @@ def measure() -> dict[str, float]:
             worst("cached == full: every mixer", (logits - ref).abs().max())
 
     # the fast switch on a whole training step (test_fast.py)
-    torch.manual_seed(0)
-    from minlm import LM
+    import test_fast
 
-    model = LM.from_preset("llama-1m", n_layers=2)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randint(0, 2048, (2, 64), generator=g)
-    y = torch.randint(0, 2048, (2, 64), generator=g)
-    results = []
-    for flag in (True, False):
-        model.zero_grad(set_to_none=True)
-        with fast.use(flag):
-            _, loss = model(x, y, return_logits=False)
-            loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l_on, g_on), (l_off, g_off) = results
+    (l_on, g_on), (l_off, g_off) = test_fast.llama_step_with_and_without_tricks()
     worst("fast == reference: llama loss", (l_on - l_off).abs())
     # as assert_close(rtol, atol) reads it: the excess over rtol * |reference|
     worst("fast == reference: llama grads, |delta| - 1e-4 |ref|",

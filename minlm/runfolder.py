@@ -19,18 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from minlm.outputs import swap_in
+from minlm.outputs import _pid_alive, swap_in
 from minlm.runs import RunError, check_run_target
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunFolder:

@@ -165,9 +165,9 @@ def test_fused_loss_equals_head_then_cross_entropy(masked, monkeypatch):
 
 # --- the whole model ----------------------------------------------------------------------
 
-@pytest.mark.numerics
-def test_llama_training_step_is_the_same_with_and_without_tricks():
-    """A trainer-style forward and backward of llama-1m (two layers): loss, every gradient."""
+def llama_step_with_and_without_tricks():
+    """(loss, gradients) of one trainer-style step of llama-1m (two layers) with the fast
+    switch on, then off (bench/numerics_spread.py measures the same step)."""
     torch.manual_seed(0)
     model = LM.from_preset("llama-1m", n_layers=2)
     g = torch.Generator().manual_seed(2)
@@ -180,7 +180,13 @@ def test_llama_training_step_is_the_same_with_and_without_tricks():
             _, loss = model(x, y, return_logits=False)
             loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_on, grads_on), (loss_off, grads_off) = results
+    return results
+
+
+@pytest.mark.numerics
+def test_llama_training_step_is_the_same_with_and_without_tricks():
+    """A trainer-style forward and backward of llama-1m (two layers): loss, every gradient."""
+    (loss_on, grads_on), (loss_off, grads_off) = llama_step_with_and_without_tricks()
     # measured by bench/numerics_spread.py (threads 1-3, ATEN_CPU_CAPABILITY default / avx2):
     # loss |delta| 4.77e-7 (the bound here is 1e-6 + 1e-6 |loss|, about 8.6e-6: 18x); gradient
     # |delta| beyond 1e-4 |ref| at most 1.0e-8 (atol 1e-7: 10x)
