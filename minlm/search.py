@@ -685,6 +685,29 @@ def _say(verbose: bool):
     return tqdm.write if verbose else (lambda *a, **k: None)
 
 
+class StudyStorageError(ValueError):
+    """The study's storage cannot be read: a corrupt ``study.db``, or a database URL that does
+    not answer. One line for the user, never the driver's SQL."""
+
+
+def sqlalchemy_errors() -> tuple:
+    from sqlalchemy.exc import DatabaseError
+
+    return (DatabaseError,)  # OperationalError (no server, locked) is one of these too
+
+
+def storage_problem(url: str, storage: str | None, e: Exception) -> str:
+    """What went wrong with the study's storage and what to do, in one line."""
+    said = str(getattr(e, "orig", None) or e).splitlines()[0]
+    if storage:
+        return (f"cannot open the study storage {storage}: {said}; check the URL and that the "
+                "database answers")
+    path = url.removeprefix("sqlite:///")
+    return (f"cannot read the search's study {path}: {said} (corrupt, or not a study file); "
+            "move it aside and run the search again to start a new study (the trial run "
+            "folders beside it are kept), or put back a copy of it")
+
+
 def _open_study(out_dir: Path, name: str, keys: list | dict, runnable: list[int],
                 eta: int, n_rungs: int, storage: str | None, heartbeat: int,
                 pruner: str = "halving", seed: int | None = None):
@@ -711,17 +734,21 @@ def _open_study(out_dir: Path, name: str, keys: list | dict, runnable: list[int]
     grid_search = isinstance(keys, list)
     with open(out_dir / "study.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with warnings.catch_warnings():  # heartbeats are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=3, inherit_intermediate_values=True)
-            rdb = optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=retry,
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
-        study = optuna.create_study(storage=rdb, study_name=name, direction="minimize",
-                                    pruner=cutter, load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(seed=seed))
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3, inherit_intermediate_values=True)
+                rdb = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=retry,
+                    engine_kwargs={"connect_args": {"timeout": 60}}
+                    if url.startswith("sqlite") else None)
+            study = optuna.create_study(storage=rdb, study_name=name, direction="minimize",
+                                        pruner=cutter, load_if_exists=True,
+                                        sampler=optuna.samplers.TPESampler(seed=seed))
+        except sqlalchemy_errors() as e:
+            raise StudyStorageError(storage_problem(url, storage, e)) from None
         attr, other = ("candidates", "space") if grid_search else ("space", "candidates")
         saved = study.user_attrs.get(attr)
         if other in study.user_attrs:

@@ -412,3 +412,25 @@ def test_parse_space_reads_axes_ranges_and_fixed_settings_through_the_configs():
         parse_space(["lr=1e-3:1e-2"], "llama-1m", tpe=False)
     with pytest.raises(ConfigError, match="dim"):
         parse_space(["dim=64,wide"], "llama-1m", tpe=False)
+
+
+def test_a_corrupt_study_file_is_one_line_naming_it_and_is_left_as_it_was(tmp_path, shared_data):
+    """A study.db that is not a database (a disk fault, a copy cut short) is said in one line
+    with its path and what to do; the driver's SQL and traceback stay out, the file stays."""
+    folder = tmp_path / "grid"
+    folder.mkdir()
+    junk = bytes(range(256)) * 20
+    (folder / "study.db").write_bytes(junk)
+    p = subprocess.run([sys.executable, "-m", "minlm", "search", "--preset", "llama-0.5m",
+                        "--name", "grid", "--rungs", "1", "vocab_size=512", "dim=32",
+                        "n_layers=1", "n_heads=2", "block_size=32", "max_iters=2",
+                        "batch_size=2", "eval_iters=1", "max_docs=50", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, p.stderr
+    assert errors[0].startswith("error: cannot read the search's study ")
+    assert str(folder / "study.db") in errors[0] and "move it aside" in errors[0]
+    assert "SQL" not in p.stderr and "Traceback" not in p.stderr
+    assert (folder / "study.db").read_bytes() == junk
