@@ -111,11 +111,11 @@ def save_adapter(model, path: str | os.PathLike, base: str = "") -> Path:
     ``base`` names the model they go on (recorded as ``base_model_name_or_path``)."""
     from safetensors.torch import save_file
 
-    from minlm.fileio import atomic_dir
+    from minlm.outputs import staged
 
     config, tensors = adapter_state(model, base)
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with staged(path, None) as tmp:  # swapped in whole, unmarked
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     return path

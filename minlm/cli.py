@@ -80,7 +80,7 @@ def cmd_train(args) -> int:
     if args.dry_run:  # the resolved settings, before any check of the run folder
         return _dry_run(model=model_cfg, train=train_cfg)
     if seeds > 1:  # sibling runs <run_name>-s0, -s1, ... of one group
-        from minlm.seeds import train_seeds
+        from minlm.train import train_seeds
 
         results = train_seeds(model_cfg, train_cfg, seeds,
                               trust_experiment=args.trust_experiment)

@@ -17,7 +17,9 @@ EXTRAS = {
     "google": ("protobuf", "export"),  # sentencepiece's model proto, for export
     "optuna": ("optuna", "search"), "datasets": ("datasets", "data"),
     "ipywidgets": ("ipywidgets", "notebooks"), "tensorboard": ("tensorboard", "loggers"),
-    "mlflow": ("mlflow-skinny", "loggers"),
+    "mlflow": ("mlflow-skinny", "loggers"), "wandb": ("wandb", "wandb"),
+    "peft": ("peft", "export"), "lm_eval": ("lm_eval", "eval"),
+    "llama_cpp": ("llama-cpp-python", "llamacpp"),
 }
 
 

@@ -72,16 +72,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``path``; on success put it in place of ``path`` (an
-    old ``path`` is removed only once the new one is there): ``outputs.staged``, unmarked."""
-    from minlm.outputs import staged
-
-    with staged(path, None) as tmp:
-        yield tmp
-
-
-@contextlib.contextmanager
 def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting for any holder.
     The kernel drops the lock when its holder dies, however it dies, so none goes stale."""

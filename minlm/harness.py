@@ -25,12 +25,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-try:
-    from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
-except ImportError:
-    raise ImportError("scoring with lm-evaluation-harness needs lm_eval: pip install lm_eval"
-                      ) from None
+# a missing lm_eval is a ModuleNotFoundError, which the CLI words as the extra to install
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"
 

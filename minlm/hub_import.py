@@ -85,7 +85,7 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
 
     from minlm import runs
     from minlm.config import TrainConfig, check_folder_name
-    from minlm.fileio import atomic_dir
+    from minlm.outputs import staged
     from minlm.interop import from_hf, model_config_from_hf
     from minlm.modelcard import write_model_card
 
@@ -124,7 +124,7 @@ def import_checkpoint(source: str | os.PathLike, name: str | None = None,
         raise ValueError(f"cannot import {source}: its tokenizer has {tokenizer.vocab_size} "
                          f"tokens but the model only {model.config.vocab_size} embeddings")
 
-    with atomic_dir(run_dir) as tmp:
+    with staged(run_dir, None) as tmp:  # a run: its configs mark it
         tok_path = runs.copy_tokenizer(tmp, tokenizer)
         train_cfg = TrainConfig(run_name=name, out_dir=str(base), data=str(source),
                                 max_iters=1, max_minutes=0.0)

@@ -38,11 +38,14 @@ def _numbers(row: dict) -> dict[str, float]:
 def _need(package: str, pip_name: str, name: str):
     import importlib
 
+    from minlm.errors import EXTRAS
+
     try:
         return importlib.import_module(package)
     except ImportError:
+        extra = EXTRAS[package][1]  # the extra that installs it (pyproject.toml)
         raise ConfigError(f"logger={name!r} needs the {pip_name} package: pip install "
-                          f"{pip_name} (or minlm's loggers extra: pip install \"minlm[loggers]\")"
+                          f"{pip_name} (or minlm's {extra} extra: pip install \"minlm[{extra}]\")"
                           ) from None
 
 

@@ -38,10 +38,13 @@ def marker(kind: str, source) -> dict:
     return {"kind": kind, "source": str(source), "minlm": minlm.__version__}
 
 
+def is_run_folder(path: Path) -> bool:
+    """A run folder is marked by its two configs (its file list is open-ended)."""
+    return (path / "model_config.json").is_file() and (path / "train_config.json").is_file()
+
+
 def read_marker(target: Path) -> dict | None:
     """What minlm recorded when it wrote ``target``; None when it did not write it."""
-    from minlm.runs import is_run_folder
-
     if target.is_file():
         return _gguf_marker(target) if target.suffix == ".gguf" else None
     if is_run_folder(target):

@@ -28,6 +28,7 @@ from minlm.config import ModelConfig, TrainConfig
 from minlm.data import data_dir
 from minlm.distributed import resolve_device  # the one check that the device exists
 from minlm.fileio import atomic_path, atomic_write_text
+from minlm.outputs import is_run_folder
 from minlm.model import LM
 from minlm.modules.registry import check_recorded_experiment
 from minlm.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -71,10 +72,6 @@ def run_names(base: str | os.PathLike) -> list[str]:
     """Names of the folders in ``base``, for messages that say which runs do exist."""
     base = Path(base)
     return sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
-
-
-def is_run_folder(path: Path) -> bool:
-    return (path / "model_config.json").is_file() and (path / "train_config.json").is_file()
 
 
 def check_run_target(run_dir: str | os.PathLike, *, resume: bool = False,

@@ -31,35 +31,6 @@ def check_seeds(seeds) -> int:
     return seeds
 
 
-def seed_configs(train_cfg: TrainConfig, seeds: int) -> list[TrainConfig]:
-    """The sibling configs of a group: run ``<run_name>-s<i>`` with seed ``seed + i`` and
-    ``group=<run_name>`` (a run name derived from the preset and time when none is given)."""
-    from minlm.train import default_run_name
-
-    check_seeds(seeds)
-    base = train_cfg.run_name or default_run_name(train_cfg)
-    return [train_cfg.replace(run_name=f"{base}-s{i}", seed=train_cfg.seed + i, group=base)
-            for i in range(seeds)]
-
-
-def train_seeds(model_cfg, train_cfg: TrainConfig, seeds: int, stop=None, callbacks=(),
-                trust_experiment: bool = False):
-    """Train ``seeds`` seeds of one recipe one after the other (``seed_configs``); returns
-    their ``TrainResult``s. With ``resume=true`` a sibling that exists continues and one that
-    does not yet starts; a sibling that ends early (Ctrl-C, a failure) ends the group there."""
-    from minlm.train import train
-
-    results = []
-    for cfg in seed_configs(train_cfg, seeds):
-        exists = (Path(cfg.out_dir) / cfg.run_name).is_dir()
-        result = train(model_cfg, cfg.replace(resume=cfg.resume and exists), stop, callbacks,
-                       trust_experiment)
-        results.append(result)
-        if result.exit_code:
-            break
-    return results
-
-
 # --- finding groups --------------------------------------------------------------------------
 
 def group_members(name: str, runs_dir: str | os.PathLike | None = None) -> list[Path]:

@@ -287,3 +287,32 @@ def tiny_run(out_dir: str | Path, name: str = "tiny-demo", preset: str = "llama-
                       batch_size=8, warmup_iters=5, eval_interval=max(1, steps // 3), eval_iters=2,
                       log_interval=5, max_docs=300, overwrite=True, verbose=False)
     return train(model_cfg, cfg).run_dir
+
+
+# --- seed groups (minlm.seeds finds and judges them) ------------------------------------
+
+def seed_configs(train_cfg: TrainConfig, seeds: int) -> list[TrainConfig]:
+    """The sibling configs of a group: run ``<run_name>-s<i>`` with seed ``seed + i`` and
+    ``group=<run_name>`` (a run name derived from the preset and time when none is given)."""
+    from minlm.seeds import check_seeds
+
+    check_seeds(seeds)
+    base = train_cfg.run_name or default_run_name(train_cfg)
+    return [train_cfg.replace(run_name=f"{base}-s{i}", seed=train_cfg.seed + i, group=base)
+            for i in range(seeds)]
+
+
+def train_seeds(model_cfg, train_cfg: TrainConfig, seeds: int, stop=None, callbacks=(),
+                trust_experiment: bool = False):
+    """Train ``seeds`` seeds of one recipe one after the other (``seed_configs``); returns
+    their ``TrainResult``s. With ``resume=true`` a sibling that exists continues and one that
+    does not yet starts; a sibling that ends early (Ctrl-C, a failure) ends the group there."""
+    results = []
+    for cfg in seed_configs(train_cfg, seeds):
+        exists = (Path(cfg.out_dir) / cfg.run_name).is_dir()
+        result = train(model_cfg, cfg.replace(resume=cfg.resume and exists), stop, callbacks,
+                       trust_experiment)
+        results.append(result)
+        if result.exit_code:
+            break
+    return results

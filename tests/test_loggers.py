@@ -98,7 +98,8 @@ def test_missing_logger_package_names_the_install(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(ConfigError, match=r"^logger='wandb' needs the wandb package: "
-                                          r"pip install wandb$"):
+                                          r"pip install wandb \(or minlm's wandb extra: "
+                                          r"pip install \"minlm\[wandb\]\"\)$"):
         make_loggers("wandb", tmp_path, "x", {})
 
 

@@ -101,7 +101,12 @@ def test_forward_shapes_causality_and_loss_at_init(kind, name, opts):
         changed = idx.clone()
         changed[:, 6:] = (changed[:, 6:] + 1) % 64
         logits2, _ = model(changed)
-    assert torch.equal(logits[:, :6], logits2[:, :6])  # the future never leaks back
+    # the future never leaks back. Exact for every mixer but MoE: there the tokens each expert
+    # gets (so its matmul's shape, so the order of the float sums) depend on the whole batch,
+    # and the past's logits move in the last bits: at most 5.96e-8 measured over 5 seeds, with
+    # ATEN_CPU_CAPABILITY default and avx2 (AMD EPYC). A leak moves them by ~1e-2; 1e-6 is
+    # 17x the measured spread.
+    torch.testing.assert_close(logits[:, :6], logits2[:, :6], rtol=0, atol=1e-6)
     assert not torch.allclose(logits[:, 6:], logits2[:, 6:])
 
 

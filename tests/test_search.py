@@ -230,9 +230,15 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tmp_path, sha
         assert stopped.returncode == -signal.SIGKILL, stdout + stderr
         time.sleep(4)  # three silent heartbeats (1 s each) mark the killed trial stale
     else:  # was: the interrupted trial counted as trained at step 8, and the search went on
-        # an uncaught KeyboardInterrupt ends Python with SIGINT's status
-        assert stopped.returncode == -signal.SIGINT, stderr
-        assert "search interrupted (Ctrl-C) in trial01-lr=0.002 at step 8" in stderr
+        # the KeyboardInterrupt escapes search() to the script. Python then usually ends with
+        # SIGINT's status, but not always: torch._dynamo's exit hook imports tabulate where it
+        # is installed (lm_eval brings it), and after that import CPython exits 1 (seen here:
+        # `import torch._dynamo; raise KeyboardInterrupt` exits 1 with tabulate, by SIGINT
+        # without). The CLI's own 130 is tested in test_faults.py.
+        assert stopped.returncode in (-signal.SIGINT, 1), stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("KeyboardInterrupt: search interrupted (Ctrl-C) in "
+                               "trial01-lr=0.002 at step 8"), stderr
     first = tmp_path / "runs" / "search" / "trial00-lr=0.003"
     finished_log = (first / "log.csv").read_text()
     stamp = (first / "log.csv").stat().st_mtime_ns

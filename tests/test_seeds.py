@@ -14,7 +14,8 @@ from minlm import ModelConfig, TrainConfig
 from minlm.evaluate import compare, judge
 from minlm.flops import flops_per_token
 from minlm.runs import read_configs
-from minlm.seeds import curve_at, seed_configs, verdict
+from minlm.seeds import curve_at, verdict
+from minlm.train import seed_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
