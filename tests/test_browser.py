@@ -104,16 +104,24 @@ def _prompt(cell) -> str:
     return "".join(cell.locator(".jp-InputArea-prompt").all_inner_texts()).strip()
 
 
+def _run_all_until_training(lab):
+    """2_train under Run All, waited on until ``await widget`` shows training rows; returns
+    the widget cell and its status line."""
+    lab.open("2_train.ipynb")
+    lab.run_all()
+    widget = lab.cell(3)
+    status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
+    lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
+                 "training rows while `await widget` runs")
+    return widget, status
+
+
 @screenshot_on_failure
 def test_train_interrupt_during_run_all_saves_and_stops_the_queued_cells(lab):
     """The toolbar's Interrupt while ``await widget`` runs: the run saves, the waiting cell
     raises KeyboardInterrupt with one line, and Run All ends there, as for any cell."""
-    lab.open("2_train.ipynb")
-    lab.run_all()
-    widget, wait_cell = lab.cell(3), lab.cell(5)
-    status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
-    lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
-                 "training rows while `await widget` runs")
+    widget, status = _run_all_until_training(lab)
+    wait_cell = lab.cell(5)
     lab.interrupt()
     lab.wait_idle(120)
     stopped = _text(status)
@@ -136,12 +144,8 @@ def test_train_interrupt_during_run_all_saves_and_stops_the_queued_cells(lab):
 def test_train_stop_during_run_all_ends_normally_and_does_not_resume(lab):
     """Stop is a normal end: the next cells use the result; the resume cell does not start
     training again by itself, it says how to go on."""
-    lab.open("2_train.ipynb")
-    lab.run_all()
-    widget, resume_cell = lab.cell(3), lab.cell(9)
-    status = widget.locator(".minlm-status, .widget-vbox > .widget-html").first
-    lab.wait_for(lambda: lab.running(5) and _step(_text(status)) >= 10, 180,
-                 "training rows while `await widget` runs")
+    widget, status = _run_all_until_training(lab)
+    resume_cell = lab.cell(9)
     widget.get_by_role("button", name="Stop").click()  # a mouse click, as a person does
     lab.wait_for(lambda: "Stop button pressed" in _text(status), 60, "the widget saying stopped")
     first = _text(status)
