@@ -206,8 +206,8 @@ def test_inference_slider_and_generate(lab):
     lab.wait_idle(300)
     assert not lab.errors()
     sampler = lab.cell(6)
-    output = sampler.locator(".jp-OutputArea-output").last
-    before = _text(output)
+    sample = sampler.locator(".minlm-sample")  # the text alone: the output area also holds the sliders' readouts
+    before = _text(sample)
     assert "Once upon a time, there was a little dog" in before, before
     label = sampler.locator(".widget-label", has_text="temperature")
     assert _text(label) == "temperature"  # not cut to "temperat…"
@@ -224,14 +224,14 @@ def test_inference_slider_and_generate(lab):
     page.mouse.up()
     lab.wait_for(lambda: float(_text(readout)) > 0.8, 10, "the slider to move")
     sampler.get_by_role("button", name="Generate").click()
-    lab.wait_for(lambda: _text(output) != before, 60, "new text after Generate")
-    assert "Once upon a time, there was a little dog" in _text(output)
+    lab.wait_for(lambda: _text(sample) != before, 60, "new text after Generate")
+    lab.wait_idle(60)
+    assert "Once upon a time, there was a little dog" in _text(sample)
     streamed = _text(lab.cell(8).locator(".jp-OutputArea-output"))
     assert streamed.startswith("The little girl saw a big"), streamed  # the prompt, then the rest
     box = sampler.locator("textarea").first  # an emoji reads as itself, not as <0xF0><0x9F>...
     box.fill("A 🎈 for Tom")
     box.press("Tab")
-    sample = sampler.locator(".minlm-sample")
     shown = _text(sample)
     sampler.get_by_role("button", name="Generate").click()
     lab.wait_for(lambda: _text(sample) != shown, 60, "the emoji prompt's text")
