@@ -219,7 +219,7 @@ def cmd_ladder(args) -> int:
 
     import pandas as pd
 
-    from minlm.ladder import ladder
+    from minlm.ladder import ladder, short_rungs
 
     labels = tuple(x.strip() for x in args.labels.split(","))
     result = ladder(_canonical(args.idea), _canonical(shlex.split(args.baseline)),
@@ -239,6 +239,10 @@ def cmd_ladder(args) -> int:
             print(f"{row.idea}: the fit on the smaller rungs predicted {row.heldout_predicted:.4f}"
                   f" bpb for the largest, measured {row.heldout_measured:.4f} (error "
                   f"{row.heldout_error:+.4f})")
+    for r in short_rungs(result.table).itertuples():
+        print(f"{r.idea}-{r.size}: trained {r.tokens:,} of its {r.budget_tokens:,} tokens before "
+              f"the time cap (--minutes {args.minutes:g}); it is off the tokens-per-parameter "
+              "rule, so the fits mix budgets: raise --minutes or lower --tokens-per-param")
     print(f"wrote {result.dir / 'ladder.csv'}, fits.csv and ladder.png")
     failed = result.table[result.table["status"] != "trained"]
     if len(failed):

@@ -208,6 +208,16 @@ def _points(table, idea: str, axis: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, y, sd
 
 
+def short_rungs(table):
+    """The trained rungs that stopped before their token budget (the time cap ran out first).
+    Such a rung sits off the tokens-per-parameter rule the other rungs follow: at nearly the
+    compute of a smaller rung that got its budget, the larger model trained on fewer tokens is
+    worse, which no law of loss against compute fitted to budget-complete rungs predicts."""
+    if "budget_tokens" not in table:  # a table written before the budget was recorded
+        return table.iloc[0:0]
+    return table[(table["status"] == "trained") & (table["tokens"] < table["budget_tokens"])]
+
+
 def fits_table(table):
     """Per idea and axis: the fit on every rung (E, A, alpha and its sd), its prediction at
     10x the largest rung with the sd, and the honesty check: the fit on every rung but the
@@ -337,7 +347,8 @@ def ladder(idea: Sequence[str], baseline: Sequence[str] = (), sizes="0.25M,0.5M,
             names.append(f"{label}-{size}")
             rungs.append({"idea": label, "size": size, "target_params": target,
                           "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                          "n_kv_heads": cfg.n_kv_heads, "flops_per_token": flops_per_token(cfg)})
+                          "n_kv_heads": cfg.n_kv_heads, "flops_per_token": flops_per_token(cfg),
+                          "budget_tokens": steps * step_tokens})
     result = search(candidates, base_model, base_train, n_rungs=1, name=name, storage=storage,
                     heartbeat=heartbeat, verbose=verbose, seeds=seeds, names=names,
                     callbacks=callbacks)

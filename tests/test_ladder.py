@@ -183,3 +183,18 @@ def test_a_ladder_over_seeds_fits_the_mean_of_each_rung(tmp_path, shared_data, m
     assert fit["E"] + fit["A"] == pytest.approx(means.iloc[0], abs=0.05)  # at x0, the first
     again = read_ladder(tmp_path / "ladder")  # as a notebook reads it, with no training
     assert again.fits.equals(result.fits)
+
+
+def test_the_ladder_names_each_rung_the_time_cap_cut_short(tmp_path, shared_data):
+    # 20 tokens a parameter is thousands of steps a rung; 1.2 s of wall clock cuts every one
+    cmd = _ladder_cmd(tmp_path / "runs", tokens_per_param="20") + ["--minutes", "0.02"]
+    done = subprocess.run(cmd, env=_env(shared_data, tmp_path), text=True, capture_output=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "runs" / "lad" / "ladder.csv")
+    assert (table["tokens"] < table["budget_tokens"]).all()
+    for r in table.itertuples():
+        assert (f"{r.idea}-{r.size}: trained {r.tokens:,} of its {r.budget_tokens:,} tokens "
+                "before the time cap (--minutes 0.02)") in done.stdout
