@@ -16,7 +16,10 @@ Training runs the selective scan in one of two forms (``mixer_options={"scan": .
 and backward over chunks of ``scan_chunk`` positions (0: as many as keep the chunk's states
 cache-sized), the contractions with B and C as batched matrix products, or ``"reference"``,
 the step-by-step loop that the formula above reads as, differentiated by autograd. The
-registry-generated tests prove the two equal in values and gradients. Decoding carries (the
+registry-generated tests prove the two equal in values and gradients. The causal conv runs
+the same way in two forms (``"conv"``): ``"shifts"`` (the default), one multiply-add per tap
+on the time-major branch, or ``"reference"``, F.conv1d on the branch transposed to (B, E, T).
+Decoding carries (the
 last d_conv - 1 conv inputs, h) and costs O(1) per token.
 
 Dimension letters: B batch, T time, C model width, E inner width, N state size, K conv taps,
@@ -38,7 +41,7 @@ from minlm.tracing import Probe
 
 # dt_rank 0: ceil(dim / 16); scan_chunk 0: chunks of scan.SCAN_ELEMENTS state values
 OPTIONS = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "scan_chunk": 0,
-           "scan": "chunked"}
+           "scan": "chunked", "conv": "shifts"}
 SELECTIVE_SCANS = {"chunked": selective_scan, "reference": selective_scan_reference}
 
 
@@ -52,7 +55,7 @@ def _validate(cfg) -> None:
     from minlm.errors import ConfigError
 
     for name in OPTIONS:
-        if name == "scan":
+        if name in ("scan", "conv"):
             continue  # the registry checks the form's name
         value = option(cfg, "mamba", name)
         automatic = name in ("dt_rank", "scan_chunk")  # 0 picks the value
@@ -78,6 +81,23 @@ def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor |
     return F.conv1d(padded, conv.weight, conv.bias, groups=conv.groups), padded[:, :, padded.shape[-1] - (K - 1):]
 
 
+def causal_conv_shifts(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
+    """``causal_depthwise_conv`` time-major: x (B, T, E) -> (B, T, E), prev and the returned
+    last inputs (B, E, K-1) as there. One multiply-add per tap on shifted views, so the branch
+    stays (B, T, E) throughout; F.conv1d wants (B, E, T), and the transposes to and from it
+    and its backward cost more than the K multiply-adds."""
+    K, T = conv.kernel_size[0], x.shape[1]
+    if prev is None:
+        padded = F.pad(x, (0, 0, K - 1, 0))  # (B, K-1+T, E)
+    else:
+        padded = torch.cat([prev.transpose(1, 2), x], dim=1)
+    w = conv.weight[:, 0]  # (E, K)
+    y = torch.addcmul(conv.bias, padded[:, K - 1:], w[:, K - 1])
+    for k in range(K - 1):
+        y = torch.addcmul(y, padded[:, k:k + T], w[:, k])
+    return y, padded[:, padded.shape[1] - (K - 1):].transpose(1, 2)
+
+
 def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
     """One token of ``causal_depthwise_conv``: x (B, E) -> (B, E), and the new K-1 inputs."""
     K = conv.kernel_size[0]
@@ -90,8 +110,8 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, prev: torch.Tensor | None):
 
 @register_mixer("mamba", state="recurrent", options=OPTIONS, validate=_validate, flops=_flops,
                 examples={"d_state": 4, "d_conv": 2, "expand": 1, "dt_rank": 3, "scan_chunk": 5,
-                          "scan": "reference"},
-                forms={"scan": tuple(SELECTIVE_SCANS)},
+                          "scan": "reference", "conv": "reference"},
+                forms={"scan": tuple(SELECTIVE_SCANS), "conv": ("shifts", "reference")},
                 # saved per token by the chunked scan: about 15 E-wide tensors (branches, conv,
                 # step sizes, gates) and the state entering each chunk, E N per chunk (one
                 # chunk at small sizes; chunks hold scan.SCAN_ELEMENTS states, batch included)
@@ -104,6 +124,7 @@ class Mamba(TokenMixer):
         self.E, self.N, self.R = E, N, R
         self.scan_chunk = option(cfg, "mamba", "scan_chunk")
         self.scan = option(cfg, "mamba", "scan")
+        self.conv_form = option(cfg, "mamba", "conv")
         self.in_proj = nn.Linear(C, 2 * E, bias=cfg.attn_bias)
         self.conv = nn.Conv1d(E, E, K, groups=E, bias=True)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
@@ -141,8 +162,12 @@ class Mamba(TokenMixer):
         if valid is not None:  # padding (before a row's first token) acts as the zero start
             xi = xi * valid.to(xi.dtype)
         conv_prev, h0 = cache.state if cache is not None and cache.state is not None else (None, None)
-        xc, conv_next = causal_depthwise_conv(xi.transpose(1, 2), self.conv, conv_prev)
-        xc = self.conv_out(F.silu(xc).transpose(1, 2))  # (B, T, E)
+        if self.conv_form == "reference":
+            xc, conv_next = causal_depthwise_conv(xi.transpose(1, 2), self.conv, conv_prev)
+            xc = xc.transpose(1, 2)
+        else:
+            xc, conv_next = causal_conv_shifts(xi, self.conv, conv_prev)
+        xc = self.conv_out(F.silu(xc))  # (B, T, E)
         dt, Bm, Cm = self._selective(xc)  # (B, T, E), (B, T, N), (B, T, N)
         dt = self.step_size(dt)
         A = -torch.exp(self.A_log)  # (E, N)

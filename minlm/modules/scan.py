@@ -209,8 +209,12 @@ class _SelectiveScan(torch.autograd.Function):
             G_next = G_next.clone()  # G is overwritten below (decay is kept a turn)
             Gf = Gc.view(-1, N, E)  # (n B, N, E)
             torch.matmul(B_t[s:s + n].reshape(-1, 1, N), Gf, out=g_u[s:s + n].view(-1, 1, E))
-            g_B[s:s + n] = torch.linalg.vecdot(Gc, u_t[s:s + n].unsqueeze(2))  # (n, B, N)
-            g_C[s:s + n] = torch.linalg.vecdot(hs[:n], gy_t[s:s + n].unsqueeze(2))  # (n, B, N)
+            # g_B_t = G_t . u_t and g_C_t = h_t . gy_t over E, the products written to the
+            # other G buffer (free now) rather than to fresh memory, as vecdot would
+            spare = Gs[(i + 1) % 2][:n]
+            torch.sum(torch.mul(Gc, u_t[s:s + n].unsqueeze(2), out=spare), -1, out=g_B[s:s + n])
+            torch.sum(torch.mul(hs[:n], gy_t[s:s + n].unsqueeze(2), out=spare), -1,
+                      out=g_C[s:s + n])
             # q = d loss / d (dt A) = G_t h_{t-1} exp(dt_t A), in place over G
             Gc[1:].mul_(hs[:n - 1])
             if first:
