@@ -248,6 +248,34 @@ def test_experiment_trains_from_the_command_line_and_reloads(tmp_path):
     assert p.stdout.split() == ["DiffAttention", "True"]
 
 
+def test_an_experiment_imported_under_two_names_registers_once(tmp_path):
+    """`python -m experiments.<idea>.run` imports the package as ``experiments.<idea>`` and
+    then, through ``experiment=<idea>``, as the loader's own module: the same classes from the
+    same files register again without complaint; another class under a taken name is still
+    refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import experiments.diffattn\n"
+            "from minlm import ModelConfig, LM\n"
+            "from minlm.modules import registry\n"
+            "cfg = ModelConfig.from_preset('diffattn-1m', experiment='diffattn')\n"
+            "print(type(LM(cfg).blocks[0].mixer).__name__)\n"
+            "try:\n"
+            "    registry.register_mixer('diffattn')(type('Other', (registry.TokenMixer,), {}))\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "DiffAttention"
+    assert "'diffattn' is already registered by" in lines[1] and "pick another name" in lines[1]
+
+
 def test_unknown_experiment_lists_the_available_ones():
     from minlm.errors import ConfigError
 

@@ -123,11 +123,20 @@ def register_channel_mixer(name: str, **spec):
     return wrap
 
 
+def _source(cls) -> tuple[str, str]:
+    """Where ``cls`` is defined: (its file, resolved, else its module name; its qualname)."""
+    import sys
+
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return (str(Path(file).resolve()) if file else cls.__module__), cls.__qualname__
+
+
 def _check_new(name: str, table: dict, cls) -> None:
     old = table.get(name)
-    # re-importing the same file (a notebook reloading an experiment) replaces the entry
-    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__,
-                                                                          cls.__qualname__):
+    # the same class from the same file again replaces the entry: a notebook reloading an
+    # experiment, or its package imported under two names (``python -m experiments.x.run``
+    # as ``experiments.x``, then ``experiment=x`` as the loader's module)
+    if old is not None and _source(old.cls) != _source(cls):
         raise ValueError(f"{name!r} is already registered by {old.cls.__module__}."
                          f"{old.cls.__qualname__}; pick another name")
     if not name.isidentifier() or name != name.lower():
