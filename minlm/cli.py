@@ -28,7 +28,9 @@ def cmd_trace(args) -> None:
         model, label = load_run(args.run, trust_experiment=args.trust_experiment).model, args.run
         cfg = model.config
     else:
-        cfg = ModelConfig.from_preset(args.preset).with_overrides(args.overrides)
+        from minlm.settings import preset_config  # loads experiment= first, as train does
+
+        cfg = preset_config(args.preset, args.overrides)
         model, label = LM(cfg).eval(), args.preset
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens))
     t = model.trace(idx)

@@ -3,8 +3,9 @@
 Both configs are plain dataclasses that serialise to JSON and back exactly, so a run folder
 can rebuild its model with ``ModelConfig(**json.load(f))``. Choices are ``Literal`` strings
 resolved through small registries in ``minlm.modules``; token and channel mixers (``mixer``,
-``mlp``, layout steps) are checked against ``minlm.modules.registry``, so no second list of
-their names lives here; derived values are filled in
+``mlp``, layout steps), norms and positional schemes are checked against
+``minlm.modules.registry`` after ``experiment=`` loads, so no second list of their names
+lives here; derived values are filled in
 ``__post_init__``; a bad value raises ``ValueError`` naming the field, the value and what is
 allowed. Nothing warns and falls back.
 """
@@ -25,8 +26,6 @@ from minlm.errors import ConfigError  # re-exported: minlm.config.ConfigError
 from minlm.modules import registry
 from minlm.modules.block import layout_mixers, uses_moe_step
 
-Position = Literal["rope", "alibi", "learned", "none"]
-Norm = Literal["rmsnorm", "layernorm", "cosinenorm"]
 Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "kan"]
 Init = Literal["normal", "xavier", "tfixup"]
 Linear = Literal["linear", "bitlinear"]
@@ -239,7 +238,7 @@ class ModelConfig(_Serialisable):
     # a package in experiments/ (or a path to one) that registers more mixers and presets;
     # loaded before the names are checked, and recorded so the run reloads later
     experiment: str = ""
-    position: Position = "rope"
+    position: str = "rope"  # a scheme registered in minlm.modules.registry (rope, alibi, ...)
     rope_theta: float = 10000.0
     window: int = 0  # sliding-window attention span; 0 means full causal attention
     qk_norm: bool = False
@@ -264,7 +263,7 @@ class ModelConfig(_Serialisable):
     experts_top_k: int = 2  # experts each token is sent to (n_experts > 0)
     aux_loss_weight: float = 0.01  # weight of the load-balancing loss added to the training loss
     # norms and residual stream
-    norm: Norm = "rmsnorm"
+    norm: str = "rmsnorm"  # a norm registered in minlm.modules.registry
     norm_eps: float = 1e-5
     norm_affine: bool = True
     norm_bias: bool = False  # LayerNorm bias
@@ -362,17 +361,23 @@ class ModelConfig(_Serialisable):
         if self.experiment:
             registry.load_experiment(self.experiment)
         registry.mixer_spec(self.mixer)
+        norm = registry.norm_spec(self.norm)
+        position = registry.position_spec(self.position)
         used = [registry.mixer_spec(n, "block_spec") for n in layout_mixers(self)]
         channels = [registry.channel_mixer_spec(self.channel_mixer)]
         if uses_moe_step(self):
             channels.append(registry.channel_mixer_spec("moe", "block_spec"))
-        registry.check_options(self.mixer_options, used)  # types first: validate compares
-        for spec in used + channels:
+        if any(c.name == "moe" for c in channels):  # its experts: the dense channel mixer
+            dense = self.mlp if self.mlp and self.mlp != "moe" else \
+                "kan" if self.activation == "kan" else "mlp"
+            channels += [registry.channel_mixer_spec(dense)] * (dense != channels[0].name)
+        registry.check_options(self.mixer_options, used + channels)  # types first
+        for spec in used + channels + [norm, position]:
             if spec.validate is not None:
                 spec.validate(self)
-        if self.position in ("rope", "alibi") and not any(s.positional for s in used):
+        if position.in_attention and not any(s.positional for s in used):
             _fail("position", self.position, "no layer uses attention or another mixer that "
-                  "reads positions (RoPE and ALiBi act inside attention, and the layers use "
+                  f"reads positions ({self.position!r} acts inside attention, and the layers use "
                   f"{', '.join(s.name for s in used)}); use 'none' (a recurrence "
                   "knows the order) or 'learned'")
         defaults = {f.name: f.default for f in fields(self)}

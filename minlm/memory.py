@@ -56,6 +56,27 @@ def disk_space_problem(run_dir: Path, model: LM) -> str:
     return ""
 
 
+def saved_values_per_token(module, *args, **kwargs) -> float:
+    """Values per token that one forward of ``module`` saves for backward, measured: every
+    tensor autograd packs (``saved_tensors_hooks``), counted once per storage, the module's
+    own parameters excluded, in units of the first argument's element size, over its first
+    two dimensions (B x T tokens). What a registration's ``memory(cfg, T)`` declares; the
+    registry-generated tests compare the two."""
+    x = args[0]
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*args, **kwargs)
+    return sum(saved.values()) / x.element_size() / (x.shape[0] * x.shape[1])
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text

@@ -16,7 +16,8 @@ import minlm.fast as fast
 import minlm.tracing as tracing
 from minlm.config import ModelConfig
 from minlm.loss import masked_cross_entropy
-from minlm.modules import Block, LearnedPositions, MoE, make_norm
+from minlm.modules import Block, MoE, make_norm
+from minlm.modules.registry import make_position
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.skips import unet_skips
 from minlm.modules.value_embed import ValueEmbeddings
@@ -59,7 +60,7 @@ class LM(LoggingModule):
         super().__init__()
         self.config = cfg = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos = LearnedPositions(cfg.block_size, cfg.dim) if cfg.position == "learned" else Identity()
+        self.pos = make_position(cfg, "input") or Identity()  # learned table, sinusoids, ...
         self.drop = nn.Dropout(cfg.dropout)
         blocks: list[nn.Module] = []
         for i in range(cfg.n_layers):
@@ -119,7 +120,7 @@ class LM(LoggingModule):
     def _lookup_params(self) -> int:
         """Parameters of the lookup tables besides the token embedding: learned positions and
         value embeddings."""
-        n = self.pos.weight.numel() if isinstance(self.pos, LearnedPositions) else 0
+        n = sum(p.numel() for p in self.pos.parameters())
         if self.value_embeds is not None:
             n += sum(p.numel() for p in self.value_embeds.parameters())
         return n
@@ -216,7 +217,7 @@ class LM(LoggingModule):
         x = F.embedding(idx.select(1, 0), self.embed.weight)  # (B, C)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
-        if isinstance(self.pos, LearnedPositions):
+        if not isinstance(self.pos, Identity):
             x = self.pos(x.unsqueeze(1), positions.reshape(-1, 1)).squeeze(1)  # (B, C)
         values = self.value_embeds(idx.select(1, 0)) if self.value_embeds is not None else None
         skips: list[torch.Tensor] = []

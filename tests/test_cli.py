@@ -75,3 +75,12 @@ def test_two_different_presets_are_refused():
                           "preset=mamba-1m", "--dry-run"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0 and "disagree" in out.stderr
+
+
+def test_trace_loads_the_experiment_before_its_preset():
+    """`trace --preset diffattn-1m experiment=diffattn`: the preset exists only once the
+    experiment is loaded, so the command loads it first, as `train` does."""
+    p = _run("trace", "--preset", "diffattn-1m", "experiment=diffattn", "--tokens", "4",
+             "--depth", "2")
+    assert p.returncode == 0, p.stderr
+    assert "diffattn-1m:" in p.stdout and "DiffAttention" in p.stdout

@@ -45,8 +45,10 @@ def test_unknown_preset_lists_presets():
     (dict(dim=0), r"dim=0 is invalid: must be a positive integer"),
     (dict(vocab_size=-5), r"vocab_size=-5 is invalid"),
     (dict(block_size=0), r"block_size=0 is invalid"),
-    (dict(position="sinusoid"), r"position='sinusoid' is invalid: must be one of 'rope', 'alibi'"),
-    (dict(norm="batchnorm"), r"norm='batchnorm' is invalid: must be one of 'rmsnorm'"),
+    (dict(position="sinusoid"), r"position='sinusoid' is not a registered positional scheme; "
+                                  r"registered: alibi, learned, none, rope"),
+    (dict(norm="batchnorm"), r"norm='batchnorm' is not a registered norm; registered: "
+                           r"cosinenorm, layernorm, rmsnorm"),
     (dict(activation="tanh"), r"activation='tanh' is invalid"),
     (dict(init="kaiming"), r"init='kaiming' is invalid"),
     (dict(dropout=1.5), r"dropout=1.5 is invalid: must be in \[0, 1\)"),

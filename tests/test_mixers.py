@@ -1,8 +1,9 @@
-"""Tests generated from the registries: every registered token mixer, with each option it
-declares, and every channel mixer, is checked for forward shapes, causality, loss at init,
-cached decoding against the full forward, trace rows and declared FLOPs. Experiments in
-experiments/ are loaded first, so their mixers are covered too; a registered mixer without
-a case here fails ``test_every_registered_mixer_is_covered``.
+"""Tests generated from the registries: every registered token mixer, channel mixer, norm and
+positional scheme, with each option it declares, is checked for forward shapes, causality
+(a ``causal=False`` mixer: that it sees the future), loss at init, cached decoding against
+the full forward (a bidirectional mixer: that decoding is refused), trace rows, declared
+FLOPs and memory. Experiments in experiments/ are loaded first, so their entries are covered
+too; an entry without a case here fails ``test_every_entry_of_every_registry_is_covered``.
 
 Tiny models (dim 32, 2 layers, vocab 64, context 24) with weights moved off their init for
 the decoding checks, so logits are of order one and 2e-5 (CACHE_TOL) means something.
@@ -18,6 +19,7 @@ from minlm import LM, ModelConfig
 from minlm.errors import ConfigError as ConfigErrorType
 from minlm.generate import TokenStream
 from minlm.modules import registry
+from minlm.modules.attention import Attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # cached decoding against recomputation: max |logit delta| measured by bench/numerics_spread.py
@@ -28,13 +30,37 @@ CACHE_TOL = 2e-5
 for _pkg in sorted(registry.EXPERIMENTS_DIR.glob("*/__init__.py")):
     registry.load_experiment(_pkg.parent.name)
 
+
+def _bidirectional_flops(cfg, T: int) -> float:
+    return 4 * cfg.n_heads * cfg.head_size * T  # scores and weighted sum over all T keys
+
+
+def _bidirectional_memory(cfg, T: int) -> float:  # as causal attention's: SDPA saves the same
+    H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    return cfg.dim + 2 * H * D + 2 * K * D + H
+
+
+@registry.register_mixer("bidirectional_fixture", causal=False, positional=True,
+                         flops=_bidirectional_flops, memory=_bidirectional_memory)
+class BidirectionalFixture(Attention):
+    """Attention without the causal mask: every position sees the whole sequence (a test
+    fixture for ``causal=False``; the generated tests must check it sees the future)."""
+
+    def _attend(self, q, k, v, q_pos, k_pos, key_valid):
+        mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, S)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 MIXERS = registry.mixers()
 CHANNELS = registry.channel_mixers()
+NORMS = registry.norms()
+POSITIONS = registry.positions()
 
 
 def _experiment(spec) -> str:
-    """The experiments/ folder that registered ``spec`` ('' for a built-in)."""
-    module = spec.cls.__module__
+    """The experiments/ folder that registered ``spec`` (any registry's; '' for a built-in)."""
+    module = registry.defined_in(spec)
     return module.removeprefix("minlm_experiment_").split(".")[0] \
         if module.startswith("minlm_experiment_") else ""
 
@@ -52,27 +78,54 @@ def mixer_config(name: str, **opts) -> ModelConfig:
 
 def channel_config(name: str, **opts) -> ModelConfig:
     spec = CHANNELS[name]
+    fields, options = dict(spec.requires), {}
+    for k, v in opts.items():
+        (options if k in spec.options else fields)[k] = v
     base = dict(vocab_size=64, block_size=24, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                mlp=name)
-    return ModelConfig.from_preset("llama-1m", **{**base, **spec.requires, **opts})
+                mlp=name, mixer_options=options, experiment=_experiment(spec))
+    return ModelConfig.from_preset("llama-1m", **{**base, **fields})
 
 
-MIXER_CASES = [(n, {}) for n in MIXERS] + [(n, {k: v}) for n, s in MIXERS.items()
-                                          for k, v in s.examples.items()]
-CHANNEL_CASES = [(n, {}) for n in CHANNELS] + [(n, {k: v}) for n, s in CHANNELS.items()
-                                               for k, v in s.examples.items()]
+def norm_config(name: str, **opts) -> ModelConfig:
+    """Attention and an MLP around the norm ``name`` (every norm of the model is it)."""
+    base = dict(vocab_size=64, block_size=24, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                norm=name, experiment=_experiment(NORMS[name]))
+    return ModelConfig.from_preset("llama-1m", **{**base, **NORMS[name].requires, **opts})
+
+
+def position_config(name: str, **opts) -> ModelConfig:
+    """Attention (which reads positions) with the positional scheme ``name``."""
+    base = dict(vocab_size=64, block_size=24, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                position=name, experiment=_experiment(POSITIONS[name]))
+    return ModelConfig.from_preset("llama-1m", **{**base, **opts})
+
+
+CONFIGS = {"mixer": mixer_config, "channel": channel_config, "norm": norm_config,
+           "position": position_config}
+REGISTRIES = {"mixer": MIXERS, "channel": CHANNELS, "norm": NORMS, "position": POSITIONS}
+
+
+def _cases(table: dict) -> list:
+    return [(n, {}) for n in table] + [(n, {k: v}) for n, s in table.items()
+                                       for k, v in s.examples.items()]
+
+
+MIXER_CASES, CHANNEL_CASES = _cases(MIXERS), _cases(CHANNELS)
+NORM_CASES, POSITION_CASES = _cases(NORMS), _cases(POSITIONS)
 # model-level options that change the forward path around the mixers (U-net skips with
 # every mixer; value embeddings with a layer between the two that share a table)
 MODEL_CASES = [(n, {"unet_skips": True}) for n in MIXERS] + [
     ("attention", {"n_layers": 3, "value_embeds": 1, "unet_skips": True})]
 CASES = ([("mixer", n, o) for n, o in MIXER_CASES + MODEL_CASES]
-         + [("channel", n, o) for n, o in CHANNEL_CASES])
+         + [("channel", n, o) for n, o in CHANNEL_CASES]
+         + [("norm", n, o) for n, o in NORM_CASES]
+         + [("position", n, o) for n, o in POSITION_CASES])
 IDS = [f"{kind}:{n}" + "".join(f"-{k}={v}" for k, v in o.items()) for kind, n, o in CASES]
 
 
 def build(kind: str, name: str, opts: dict, perturb: bool = False) -> LM:
     torch.manual_seed(0)
-    cfg = (mixer_config if kind == "mixer" else channel_config)(name, **opts)
+    cfg = CONFIGS[kind](name, **opts)
     model = LM(cfg).eval()
     if perturb:
         with torch.no_grad():
@@ -81,12 +134,66 @@ def build(kind: str, name: str, opts: dict, perturb: bool = False) -> LM:
     return model
 
 
-def test_every_registered_mixer_is_covered():
-    assert {n for _, n, _ in CASES} == set(registry.mixers()) | set(registry.channel_mixers())
-    for spec in list(MIXERS.values()) + list(CHANNELS.values()):
-        declared = set(getattr(spec, "options", {})) | set(spec.config_fields)
-        missing = declared - set(spec.examples)
-        assert not missing, f"{spec.name} declares {missing} without an example value to test"
+def _reached(kind: str, test) -> set:
+    """The entries of registry ``kind`` that the parametrised test function ``test`` runs."""
+    names = set()
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        argnames = [a.strip() for a in (mark.args[0].split(",") if isinstance(mark.args[0], str)
+                                        else mark.args[0])]
+        for values in mark.args[1]:
+            row = dict(zip(argnames, values if len(argnames) > 1 else [values]))
+            if row.get("kind", kind) == kind and "name" in row:
+                names.add(row["name"])
+    return names
+
+
+# what every entry of each registry must be reached by (by the test's own parametrisation)
+REQUIRED = {
+    "mixer": ["test_forward_shapes_causality_and_loss_at_init",
+              "test_cached_decoding_equals_full_forward",
+              "test_trace_shows_the_mixer_and_its_inner_steps",
+              "test_declared_flops_match_the_flop_counter", "test_trace_total_is_the_flops_estimate",
+              "test_declared_memory_is_within_10_percent_of_what_backward_keeps"],
+    "channel": ["test_forward_shapes_causality_and_loss_at_init",
+                "test_cached_decoding_equals_full_forward", "test_part_trace_and_flops",
+                "test_part_memory_is_within_10_percent_of_what_backward_keeps"],
+    "norm": ["test_forward_shapes_causality_and_loss_at_init",
+             "test_cached_decoding_equals_full_forward", "test_part_trace_and_flops",
+             "test_part_memory_is_within_10_percent_of_what_backward_keeps"],
+    "position": ["test_forward_shapes_causality_and_loss_at_init",
+                 "test_cached_decoding_equals_full_forward", "test_part_trace_and_flops",
+                 "test_part_memory_is_within_10_percent_of_what_backward_keeps"],
+}
+
+
+def test_every_entry_of_every_registry_is_covered():
+    """Each entry of each registry (token mixers, channel mixers, norms, positional schemes)
+    is reached by every generated test that applies to its kind, and each option or config
+    field it declares has an example value the tests build a model with."""
+    tables = {"mixer": registry.mixers(), "channel": registry.channel_mixers(),
+              "norm": registry.norms(), "position": registry.positions()}
+    assert set(tables) == set(REQUIRED)
+    for kind, table in tables.items():
+        for test_name in REQUIRED[kind]:
+            missing = set(table) - _reached(kind, globals()[test_name])
+            assert not missing, f"{kind} entries {sorted(missing)} are not reached by {test_name}"
+        for spec in table.values():
+            declared = set(getattr(spec, "options", {})) | set(spec.config_fields)
+            missing = declared - set(spec.examples)
+            assert not missing, f"{spec.name} declares {missing} without an example value"
+
+
+def test_the_coverage_check_catches_an_entry_no_test_reaches():
+    """An entry registered after the cases were generated is reached by no test: the check
+    that guards every registry sees it."""
+    registry.register_norm("uncovered_fixture")(type("Uncovered", (torch.nn.Identity,), {}))
+    try:
+        with pytest.raises(AssertionError, match=r"norm entries \['uncovered_fixture'\]"):
+            test_every_entry_of_every_registry_is_covered()
+    finally:
+        registry._NORMS.pop("uncovered_fixture")
 
 
 @pytest.mark.parametrize("kind, name, opts", CASES, ids=IDS)
@@ -106,7 +213,10 @@ def test_forward_shapes_causality_and_loss_at_init(kind, name, opts):
     # and the past's logits move in the last bits: at most 5.96e-8 measured over 5 seeds, with
     # ATEN_CPU_CAPABILITY default and avx2 (AMD EPYC). A leak moves them by ~1e-2; 1e-6 is
     # 17x the measured spread.
-    torch.testing.assert_close(logits[:, :6], logits2[:, :6], rtol=0, atol=1e-6)
+    if kind == "mixer" and not MIXERS[name].causal:  # bidirectional: it must see the future
+        assert not torch.allclose(logits[:, :6], logits2[:, :6])
+    else:
+        torch.testing.assert_close(logits[:, :6], logits2[:, :6], rtol=0, atol=1e-6)
     assert not torch.allclose(logits[:, 6:], logits2[:, 6:])
 
 
@@ -125,6 +235,11 @@ def test_cached_decoding_equals_full_forward(kind, name, opts):
     recomputing the whole context each step."""
     model = build(kind, name, opts, perturb=True)
     prompt = torch.randint(0, 64, (2, 7))
+    if kind == "mixer" and not MIXERS[name].causal:  # no left-to-right decoding: one line
+        with pytest.raises(ConfigErrorType, match=rf"^mixer='{name}' is bidirectional "
+                                                  r"\(causal=False\): it cannot decode"):
+            _stream(model, prompt, 3)
+        return
     ref_ids, ref_logits = _stream(model, prompt, 30, use_cache=False)
     assert ref_logits.abs().max() > 0.5  # the tolerance is small against the logits
     for kw in (dict(fast=True), dict(fast=False)):
@@ -250,6 +365,34 @@ def test_experiment_trains_from_the_command_line_and_reloads(tmp_path):
     assert p.stdout.split() == ["DiffAttention", "True"]
 
 
+def test_an_experiment_imported_under_two_names_registers_once(tmp_path):
+    """`python -m experiments.<idea>.run` imports the package as ``experiments.<idea>`` and
+    then, through ``experiment=<idea>``, as the loader's own module: the same classes from the
+    same files register again without complaint; another class under a taken name is still
+    refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import experiments.diffattn\n"
+            "from minlm import ModelConfig, LM\n"
+            "from minlm.modules import registry\n"
+            "cfg = ModelConfig.from_preset('diffattn-1m', experiment='diffattn')\n"
+            "print(type(LM(cfg).blocks[0].mixer).__name__)\n"
+            "try:\n"
+            "    registry.register_mixer('diffattn')(type('Other', (registry.TokenMixer,), {}))\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "DiffAttention"
+    assert "'diffattn' is already registered by" in lines[1] and "pick another name" in lines[1]
+
+
 def test_unknown_experiment_lists_the_available_ones():
     from minlm.errors import ConfigError
 
@@ -296,24 +439,73 @@ def test_training_resumes_exactly_from_saved_state(kind, name, opts):
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_declared_memory_is_within_10_percent_of_what_backward_keeps(name):
     """The registration's values per token against the tensors one forward of the mixer saves
-    for backward (counted by storage, weights excluded), at batch 8 and context 32."""
+    for backward (``minlm.memory.saved_values_per_token``: counted by storage, weights
+    excluded), at batch 8 and context 32."""
+    from minlm.memory import saved_values_per_token
+
     model = build("mixer", name, {})
     mixer = model.blocks[0].mixer.train()
     B, T = 8, 32
     x = torch.randn(B, T, 32, requires_grad=True)
-    weights = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mixer(x, positions=torch.arange(T))
-    measured = sum(saved.values()) / 4 / (B * T)  # fp32 values per token
+    measured = saved_values_per_token(mixer, x, positions=torch.arange(T))
     declared = MIXERS[name].memory(model.config, T)
     assert abs(declared - measured) <= 0.1 * measured, (declared, measured)
+
+
+# --- channel mixers, norms and positional schemes: the part itself ----------------------------
+
+PART_CASES = [(kind, n, o) for kind, n, o in CASES if kind != "mixer"]
+PART_IDS = [i for (kind, *_), i in zip(CASES, IDS) if kind != "mixer"]
+
+
+def _part(model: LM, kind: str):
+    """(path in a trace, module) of the part under test in block 0 (or on the input)."""
+    if kind == "channel":
+        return "blocks.0.mlp", model.blocks[0].mlp
+    if kind == "norm":
+        return "blocks.0.norm1", model.blocks[0].norm1
+    return "pos", model.pos
+
+
+@pytest.mark.parametrize("kind, name, opts", PART_CASES, ids=PART_IDS)
+def test_part_trace_and_flops(kind, name, opts):
+    """The part's trace row has the stream's shape and, per token, the FLOPs its registration
+    declares; torch's FLOP counter over one forward of it measures no more than that (the
+    declaration may add element-wise work a trace counts, as KAN's B-splines)."""
+    model = build(kind, name, opts)
+    path, part = _part(model, kind)
+    B, T = 2, 8
+    t = model.trace(torch.randint(0, 64, (B, T)))
+    rows = {r.path: r for r in t.rows}
+    assert rows[path].out_shapes[0] == (B, T, 32)
+    declared = REGISTRIES[kind][name].flops(model.config, T)
+    assert rows[path].flops == B * T * declared, (rows[path].flops, B * T * declared)
+    x = torch.randn(B, T, 32)
+    args = (x, torch.arange(T)) if kind == "position" else (x,)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        part(*args)
+    assert counter.get_total_flops() <= B * T * declared
+    if kind == "position" and POSITIONS[name].in_attention:  # it acts inside attention
+        assert type(model.blocks[0].mixer.rope).__name__ != "Identity" \
+            or model.blocks[0].mixer.alibi is not None
+
+
+@pytest.mark.parametrize("kind, name, opts", PART_CASES, ids=PART_IDS)
+def test_part_memory_is_within_10_percent_of_what_backward_keeps(kind, name, opts):
+    """As for token mixers: the declared values per token against what one forward of the
+    part saves for backward, at batch 8 and context 32 (a part that saves nothing declares
+    0; a positional scheme's figure is its input part's), with one value per token of slack
+    for the index tensors (positions) such a part keeps."""
+    from minlm.memory import saved_values_per_token
+
+    model = build(kind, name, opts).train()
+    _, part = _part(model, kind)
+    B, T = 8, 24  # the context: a learned table holds no more
+    x = torch.randn(B, T, 32, requires_grad=True)
+    args = (x, torch.arange(T)) if kind == "position" else (x,)
+    measured = saved_values_per_token(part, *args)
+    declared = REGISTRIES[kind][name].memory(model.config, T)
+    assert abs(declared - measured) <= 0.1 * measured + 1, (declared, measured)
 
 
 def test_modules_do_not_import_the_config():

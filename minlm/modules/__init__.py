@@ -1,9 +1,10 @@
 """Building blocks of minlm models, one file per family, all ``LoggingModule``s.
 
-Token mixers and channel mixers register themselves (``minlm.modules.registry``): importing
-this package imports every built-in file, and each file's ``@register_mixer`` /
-``@register_channel_mixer`` puts it in the registry that ``ModelConfig`` validates names
-against. Smaller choices keep small dicts: ``NORMS`` (``norm``), ``LINEARS`` (``linear``).
+Token mixers, channel mixers, norms and positional schemes register themselves
+(``minlm.modules.registry``): importing this package imports every built-in file, and each
+file's ``@register_mixer`` / ``@register_channel_mixer`` / ``@register_norm`` /
+``register_position`` puts it in the registry that ``ModelConfig`` validates names against.
+The smaller, closed choice keeps a small dict: ``LINEARS`` (``linear``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from minlm.modules.mamba import Mamba
 from minlm.modules.mlgru import MLGRU
 from minlm.modules.mlp import MLP
 from minlm.modules.moe import MoE
-from minlm.modules.norm import NORMS, make_norm
+from minlm.modules.norm import make_norm
 from minlm.modules.position import ALiBi, LearnedPositions, RoPE, alibi_slopes
-from minlm.modules.registry import (channel_mixer_spec, channel_mixers, mixer_spec, mixers,
-                                    register_channel_mixer, register_mixer)
+from minlm.modules.registry import (channel_mixer_spec, channel_mixers, make_position,
+                                    mixer_spec, mixers, norms, positions,
+                                    register_channel_mixer, register_mixer, register_norm,
+                                    register_position)
 
 
 __all__ = [
@@ -33,7 +36,6 @@ __all__ = [
     "MLGRU",
     "Mamba",
     "MLP",
-    "NORMS",
     "ALiBi",
     "Attention",
     "BitLinear",
@@ -60,10 +62,15 @@ __all__ = [
     "make_linear",
     "make_mixer",
     "make_norm",
+    "make_position",
     "make_step",
     "mixer_spec",
     "mixers",
+    "norms",
     "parse_block_spec",
+    "positions",
     "register_channel_mixer",
     "register_mixer",
+    "register_norm",
+    "register_position",
 ]

@@ -21,8 +21,8 @@ from minlm.modules.bitlinear import make_linear
 from minlm.modules.block import layer_mixers
 from minlm.modules.fastpath import joint_linear
 from minlm.modules.norm import RMSNorm
-from minlm.modules.position import ALiBi, RoPE
-from minlm.modules.registry import TokenMixer, register_mixer
+from minlm.modules.position import RoPE
+from minlm.modules.registry import TokenMixer, make_position, register_mixer
 from minlm.tracing import Identity, Probe
 
 
@@ -44,7 +44,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0,
 
 
 def _validate(cfg) -> None:
-    if cfg.position == "rope" and cfg.head_size % 2:
+    if isinstance(cfg.position, str) and cfg.position == "rope" and cfg.head_size % 2:
         raise ConfigError(f"head_dim={cfg.head_size} is odd, but position='rope' rotates pairs "
                           "of channels; use an even head size")
     value_embed.validate(cfg, layer_mixers)
@@ -83,8 +83,8 @@ class Attention(TokenMixer):
         self.o_proj = make_linear(cfg, H * D, C, bias=cfg.attn_bias)
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else Identity()
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else Identity()
-        self.rope = RoPE(D, cfg.block_size, cfg.rope_theta) if cfg.position == "rope" else Identity()
-        self.alibi = ALiBi(H) if cfg.position == "alibi" else None
+        self.rope = make_position(cfg, "rotary", D) or Identity()  # rotates q and k
+        self.alibi = make_position(cfg, "bias", H)  # added to the scores, or None
         # probe points: each shows one inner step in a trace
         self.q_heads, self.k_heads, self.v_heads = Probe(), Probe(), Probe()
         self.scores, self.probs, self.merge_heads = Probe(), Probe(), Probe()

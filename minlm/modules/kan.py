@@ -72,9 +72,24 @@ class KANLinear(LoggingModule):
                 f"grid_size={self.grid_size}, order={self.order}")
 
 
-@register_channel_mixer("kan", config_fields=("kan_grid", "kan_order"),
+def _flops(cfg, T: int = 0) -> float:
+    """Per token, as ``KANLinear.extra_flops`` counts them for up (C -> F) and down (F -> C):
+    2 per base and spline weight, plus the B-spline recursion over each input."""
+    C, F_, K = cfg.dim, cfg.ffn_dim, cfg.kan_grid + cfg.kan_order
+    return 2 * 2 * C * F_ * (1 + K) + 6 * (C + F_) * K * cfg.kan_order
+
+
+def _saved_per_input(cfg) -> float:
+    """Values a KANLinear saves for backward per input feature and token: the B-spline
+    recursion keeps several tensors at each of its ``order`` levels. Fitted exactly to
+    ``minlm.memory.saved_values_per_token`` over grid 2-5, order 1-3 (not derived)."""
+    G, k = cfg.kan_grid, cfg.kan_order
+    return (3 * k - 1) * G + 4.5 * k * k - 3.5 * k + 4
+
+
+@register_channel_mixer("kan", config_fields=("kan_grid", "kan_order"), flops=_flops,
                         examples={"kan_grid": 3, "kan_order": 2}, requires={"hidden_dim": 32},
-                        memory=lambda cfg, T: (cfg.kan_grid + cfg.kan_order + 3) * cfg.ffn_dim)
+                        memory=lambda cfg, T: _saved_per_input(cfg) * (cfg.dim + cfg.ffn_dim))
 class KANMLP(LoggingModule):
     """down(up(x)) with KANLinear layers: the channel mixer for ``activation="kan"``."""
 

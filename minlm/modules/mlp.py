@@ -28,9 +28,20 @@ ACTIVATIONS = {"gelu": gelu_tanh, "relu": F.relu, "silu": F.silu, "relu2": relu2
 GATED = {"swiglu", "geglu"}
 
 
+def mlp_flops(cfg, T: int = 0) -> float:
+    """Forward FLOPs per token: 2 per weight of up and down (and gate, for a gated MLP)."""
+    return 2 * cfg.dim * cfg.ffn_dim * (3 if cfg.activation in GATED else 2)
+
+
+def mlp_memory(cfg) -> float:
+    """Values per token saved for backward: the input, and per hidden unit the activation's
+    input and output (gated: also up's output and the product)."""
+    return cfg.dim + cfg.ffn_dim * (4 if cfg.activation in GATED else 2)
+
+
 @register_channel_mixer("mlp", config_fields=("activation", "mlp_bias"),
-                        examples={"activation": "gelu", "mlp_bias": True},
-                        memory=lambda cfg, T: 3 * cfg.ffn_dim)
+                        examples={"activation": "gelu", "mlp_bias": True}, flops=mlp_flops,
+                        memory=lambda cfg, T: mlp_memory(cfg))
 class MLP(LoggingModule):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) for the gated variants."""
 

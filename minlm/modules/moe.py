@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minlm.modules.build import make_ffn
-from minlm.modules.registry import register_channel_mixer
+from minlm.modules.build import dense_channel_mixer, make_ffn
+from minlm.modules.registry import channel_mixer_spec, register_channel_mixer
 from minlm.tracing import LoggingModule, Probe
 
 
@@ -43,7 +43,11 @@ def _validate(cfg) -> None:
 @register_channel_mixer("moe", config_fields=("n_experts", "experts_top_k", "aux_loss_weight"),
                         examples={"n_experts": 3, "experts_top_k": 1, "aux_loss_weight": 0.1}, validate=_validate,
                         requires={"n_experts": 4, "experts_top_k": 2, "hidden_dim": 32},
-                        memory=lambda cfg, T: cfg.experts_top_k * 3 * cfg.ffn_dim + cfg.n_experts)
+                        flops=lambda cfg, T: 2 * cfg.dim * cfg.n_experts + cfg.experts_top_k
+                        * channel_mixer_spec(dense_channel_mixer(cfg)).flops(cfg, T),
+                        memory=lambda cfg, T: cfg.dim + cfg.n_experts + cfg.experts_top_k * (
+                            channel_mixer_spec(dense_channel_mixer(cfg)).memory(cfg, T)
+                            + 2 * cfg.dim + 7))  # per routed copy: its expert's, gathered in/out
 class MoE(LoggingModule):
     def __init__(self, cfg, make_expert=None):
         super().__init__()

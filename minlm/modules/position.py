@@ -1,4 +1,6 @@
 """Position information: RoPE and ALiBi act inside attention, learned positions on the input.
+Each scheme is registered (``register_position``) for ``ModelConfig.position``; attention and
+the model build their parts with ``registry.make_position``.
 
 Dimension letters: B batch, H heads, T time (query positions), S key positions, D head size.
 """
@@ -6,11 +8,13 @@ Dimension letters: B batch, H heads, T time (query positions), S key positions, 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
 
 import minlm.fast as fast
+from minlm.modules.registry import register_position
 from minlm.tracing import LoggingModule
 
 
@@ -127,3 +131,14 @@ class LearnedPositions(LoggingModule):
                 "positions (block_size); learned positions cannot extrapolate"
             )
         return x + self.weight[positions]
+
+
+register_position("rope", source=RoPE, config_fields=("rope_theta",),
+                  examples={"rope_theta": 500.0},
+                  rotary=lambda cfg, head_dim: RoPE(head_dim, cfg.block_size, cfg.rope_theta))
+register_position("alibi", source=ALiBi, bias=lambda cfg, n_heads: ALiBi(n_heads))
+register_position("learned", source=LearnedPositions,
+                  input=lambda cfg: LearnedPositions(cfg.block_size, cfg.dim),
+                  memory=lambda cfg, T: 0)  # an addition keeps nothing for backward
+# no position information: the order is the mixers' own (a recurrence), or absent
+register_position("none", source=sys.modules[__name__])

@@ -34,6 +34,7 @@ key_valid=)``; for one-token decoding they may define ``step(x, positions, cache
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class MixerSpec:
     name: str
     cls: type
     state: str = "kv"  # "kv" or "recurrent"
+    causal: bool = True  # False: each position sees the whole sequence (bidirectional)
     options: dict[str, Any] = field(default_factory=dict)
     config_fields: tuple[str, ...] = ()
     examples: dict[str, Any] = field(default_factory=dict)
@@ -69,15 +71,65 @@ class MixerSpec:
 class ChannelMixerSpec:
     name: str
     cls: type  # built as cls(cfg)
+    options: dict[str, Any] = field(default_factory=dict)  # in mixer_options, like a mixer's
     config_fields: tuple[str, ...] = ()
     examples: dict[str, Any] = field(default_factory=dict)
+    # forward FLOPs per token of the whole channel mixer (matrix-type ops, weights included:
+    # a MoE runs only top_k of its experts' weights), as the FLOP counter measures them
+    flops: Callable[[Any, int], float] = _no_extra
     memory: Callable[[Any, int], float] = _no_extra
     validate: Callable[[Any], None] | None = None
     requires: dict[str, Any] = field(default_factory=dict)  # e.g. moe: {"n_experts": 4}
 
 
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm ``norm=name``: built as ``cls(dim, eps=, affine=, bias=)`` from ``norm_eps``,
+    ``norm_affine`` and ``norm_bias``; ``flops``/``memory`` as a channel mixer's (a norm has no
+    matrix-type work: 0), per token of width ``cfg.dim``."""
+    name: str
+    cls: type
+    config_fields: tuple[str, ...] = ()
+    examples: dict[str, Any] = field(default_factory=dict)
+    flops: Callable[[Any, int], float] = _no_extra
+    memory: Callable[[Any, int], float] = _no_extra
+    validate: Callable[[Any], None] | None = None
+    requires: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """A positional scheme ``position=name``, as up to three parts, each a maker or None:
+
+    - ``input(cfg)``: a module ``pos(x, positions) -> x`` on the embeddings (learned tables,
+      sinusoids); its parameters count as lookup tables, not matmul weights;
+    - ``rotary(cfg, head_dim)``: a module ``rope(x, positions)`` that attention applies to its
+      queries and keys (B, H, T, D);
+    - ``bias(cfg, n_heads)``: a module ``bias(q_pos, k_pos) -> (H, T, S)`` added to the scores.
+
+    A scheme with a rotary or bias part acts inside attention, so a model whose mixers read no
+    positions (``positional=False``) refuses it. ``flops``/``memory``: per token, of the input
+    part (0 for the built-ins: additions only)."""
+    name: str
+    input: Callable[..., Any] | None = None
+    rotary: Callable[..., Any] | None = None
+    bias: Callable[..., Any] | None = None
+    config_fields: tuple[str, ...] = ()
+    examples: dict[str, Any] = field(default_factory=dict)
+    flops: Callable[[Any, int], float] = _no_extra
+    memory: Callable[[Any, int], float] = _no_extra
+    validate: Callable[[Any], None] | None = None
+    source: Any = None  # the module or class it is defined by (its file: see _check_new)
+
+    @property
+    def in_attention(self) -> bool:
+        return self.rotary is not None or self.bias is not None
+
+
 _MIXERS: dict[str, MixerSpec] = {}
 _CHANNEL_MIXERS: dict[str, ChannelMixerSpec] = {}
+_NORMS: dict[str, NormSpec] = {}
+_POSITIONS: dict[str, PositionSpec] = {}
 
 
 def register_mixer(name: str, **spec):
@@ -115,19 +167,70 @@ def _checking_forms(name: str, forms: dict, validate):
 
 
 def register_channel_mixer(name: str, **spec):
-    """Class decorator: make ``cls`` the channel mixer ``mlp=name``."""
+    """Class decorator: make ``cls`` the channel mixer ``mlp=name``; its ``options`` are read
+    from ``mixer_options`` with the same checks as a token mixer's."""
     def wrap(cls):
         _check_new(name, _CHANNEL_MIXERS, cls)
+        _check_examples(name, spec)
         _CHANNEL_MIXERS[name] = ChannelMixerSpec(name, cls, **spec)
         return cls
     return wrap
 
 
+def register_norm(name: str, **spec):
+    """Class decorator: make ``cls`` the norm ``norm=name`` (see ``NormSpec``)."""
+    def wrap(cls):
+        _check_new(name, _NORMS, cls)
+        _check_examples(name, spec)
+        _NORMS[name] = NormSpec(name, cls, **spec)
+        return cls
+    return wrap
+
+
+def register_position(name: str, source=None, **spec) -> None:
+    """Make ``name`` a positional scheme (see ``PositionSpec``). Not a class decorator: a
+    scheme is up to three makers; ``source`` (a module or class) says where it is defined,
+    so registering it again from the same file replaces it."""
+    maker = next((m for m in (spec.get("input"), spec.get("rotary"), spec.get("bias")) if m),
+                 None)
+    origin = source or maker or register_position
+    _check_new(name, _POSITIONS, origin)
+    _check_examples(name, spec)
+    _POSITIONS[name] = PositionSpec(name, source=origin, **spec)
+
+
+def _check_examples(name: str, spec: dict) -> None:
+    unknown = set(spec.get("examples", {})) - set(spec.get("options", {})) \
+        - set(spec.get("config_fields", ()))
+    if unknown:
+        raise ValueError(f"{name!r}: examples for undeclared options {sorted(unknown)}")
+
+
+def defined_in(spec) -> str:
+    """The module that registered ``spec`` (any registry's entry): its class's, or for a
+    positional scheme its ``source``'s."""
+    owner = getattr(spec, "cls", None) or spec.source
+    return owner.__name__ if isinstance(owner, types.ModuleType) else owner.__module__
+
+
+def _source(cls) -> tuple[str, str]:
+    """Where ``cls`` is defined: (its file, resolved, else its module name; its qualname)."""
+    import sys
+
+    if isinstance(cls, types.ModuleType):
+        return str(Path(cls.__file__).resolve()) if cls.__file__ else cls.__name__, ""
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return (str(Path(file).resolve()) if file else cls.__module__), cls.__qualname__
+
+
 def _check_new(name: str, table: dict, cls) -> None:
     old = table.get(name)
-    # re-importing the same file (a notebook reloading an experiment) replaces the entry
-    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__,
-                                                                          cls.__qualname__):
+    if table is _POSITIONS and old is not None:
+        old = types.SimpleNamespace(cls=old.source)
+    # the same class from the same file again replaces the entry: a notebook reloading an
+    # experiment, or its package imported under two names (``python -m experiments.x.run``
+    # as ``experiments.x``, then ``experiment=x`` as the loader's module)
+    if old is not None and _source(old.cls) != _source(cls):
         raise ValueError(f"{name!r} is already registered by {old.cls.__module__}."
                          f"{old.cls.__qualname__}; pick another name")
     if not name.isidentifier() or name != name.lower():
@@ -165,6 +268,58 @@ def registration(cls: type) -> MixerSpec | None:
     return next((by_class[c] for c in cls.__mro__ if c in by_class), None)
 
 
+def norms() -> dict[str, NormSpec]:
+    """Every registered norm by name (the built-ins plus loaded experiments)."""
+    return dict(_NORMS)
+
+
+def positions() -> dict[str, PositionSpec]:
+    """Every registered positional scheme by name."""
+    return dict(_POSITIONS)
+
+
+def _lookup(table: dict, name: str, field_name: str, what: str):
+    if name not in table:
+        raise ConfigError(f"{field_name}={name!r} is not a registered {what}; registered: "
+                          f"{', '.join(sorted(table))} (an experiment registers more: "
+                          "experiment=<name or path>)")
+    return table[name]
+
+
+def norm_spec(name: str, field_name: str = "norm") -> NormSpec:
+    return _lookup(_NORMS, name, field_name, "norm")
+
+
+def position_spec(name: str, field_name: str = "position") -> PositionSpec:
+    return _lookup(_POSITIONS, name, field_name, "positional scheme")
+
+
+def make_norm(cfg, dim: int | None = None):
+    """The config's norm over ``dim`` (default ``cfg.dim``) channels."""
+    return _NORMS[cfg.norm].cls(dim or cfg.dim, eps=cfg.norm_eps, affine=cfg.norm_affine,
+                                bias=cfg.norm_bias)
+
+
+def make_position(cfg, part: str, *args):
+    """Part ``part`` (``"input"``, ``"rotary"`` or ``"bias"``) of the config's positional
+    scheme, built from ``cfg`` and ``args`` (head size, head count), or None where the
+    scheme has no such part: the one place attention and the model get positions from."""
+    maker = getattr(_POSITIONS[cfg.position], part)
+    return maker(cfg, *args) if maker is not None else None
+
+
+def check_decodable(cfg) -> None:
+    """The one check before left-to-right cached decoding: a bidirectional (``causal=False``)
+    mixer sees tokens that do not exist yet while decoding, so its text would be wrong."""
+    from minlm.modules.block import layout_mixers
+
+    for name in layout_mixers(cfg):
+        if not mixer_spec(name).causal:
+            raise ConfigError(f"mixer={name!r} is bidirectional (causal=False): it cannot decode "
+                              "left to right with a cache; sample it with its experiment's own "
+                              "sampler (full forwards over the whole sequence)")
+
+
 def channel_mixer_spec(name: str, field_name: str = "mlp") -> ChannelMixerSpec:
     table = channel_mixers()
     if name not in table:
@@ -173,14 +328,16 @@ def channel_mixer_spec(name: str, field_name: str = "mlp") -> ChannelMixerSpec:
     return table[name]
 
 
-def check_options(options: dict[str, Any], specs: list[MixerSpec]) -> None:
-    """Refuse ``mixer_options`` that no mixer in use declares, or of the wrong type."""
+def check_options(options: dict[str, Any], specs: list) -> None:
+    """Refuse ``mixer_options`` that no mixer in use (token or channel) declares, or of the
+    wrong type."""
     declared: dict[str, Any] = {}
     for s in specs:
         declared.update(s.options)
     for key, value in options.items():
         if key not in declared:
-            names = ", ".join(s.name for s in specs)
+            names = ", ".join(s.name for s in specs  # channel mixers only where they have some
+                              if isinstance(s, MixerSpec) or s.options)
             valid = ", ".join(sorted(declared)) or "none"
             raise ConfigError(f"mixer_options has {key}={value!r}, which no mixer in use "
                               f"({names}) declares; valid options: {valid}")
@@ -195,9 +352,10 @@ def check_options(options: dict[str, Any], specs: list[MixerSpec]) -> None:
 
 
 def option(cfg, mixer: str, name: str):
-    """Option ``name`` of mixer ``mixer`` in ``cfg``: ``cfg.mixer_options[name]`` or the
-    mixer's declared default."""
-    return cfg.mixer_options.get(name, _MIXERS[mixer].options[name])
+    """Option ``name`` of mixer ``mixer`` (a token mixer's name, else a channel mixer's) in
+    ``cfg``: ``cfg.mixer_options[name]`` or the mixer's declared default."""
+    spec = _MIXERS[mixer] if mixer in _MIXERS else _CHANNEL_MIXERS[mixer]
+    return cfg.mixer_options.get(name, spec.options[name])
 
 
 class TokenMixer(LoggingModule):
