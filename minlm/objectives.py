@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from minlm.chatdata import Example, pack_examples, render_chat
 from minlm.data import _is_val, get_batch
-from minlm.errors import ConfigError
 from minlm.engine import Objective, StepOut
+from minlm.errors import ConfigError
 from minlm.evaluate import bits_per_byte, estimate_loss
 from minlm.lora import LoRALinear, lora_disabled, merge_lora
 from minlm.loss import masked_cross_entropy
