@@ -48,5 +48,8 @@ def test_registered_objective_is_built_recorded_and_resumed(tmp_path):
     assert record["objective"] == "counting_test"
     assert "counting_test" in (result.run_dir / "train_config.json").read_text()
     assert '"bpb_is_bound": true' in (result.run_dir / "train_config.json").read_text()
+    from minlm.runs import list_runs
+
+    assert bool(list_runs(tmp_path).set_index("run").loc["obj", "val_bpb_is_bound"])
     more = train(model_cfg, cfg.replace(max_iters=6, resume=True, overwrite=False))
     assert _Counting.built == 2 and more.step == 6
