@@ -54,6 +54,7 @@ class MixerSpec:
     name: str
     cls: type
     state: str = "kv"  # "kv" or "recurrent"
+    causal: bool = True  # False: each position sees the whole sequence (bidirectional)
     options: dict[str, Any] = field(default_factory=dict)
     config_fields: tuple[str, ...] = ()
     examples: dict[str, Any] = field(default_factory=dict)
