@@ -441,6 +441,7 @@ class TrainConfig(_Serialisable):
 
     run_name: str = ""  # empty: derived from the preset and the time
     preset: str = ""  # the ModelConfig preset the run started from, for the record
+    objective: str = "pretrain"  # a registered objective (minlm.objectives; experiments add)
     data: str = "tinystories"  # a dataset name, a text/JSONL/parquet file or a folder
     tokenizer: str = ""  # path to a tokenizer; empty: the shipped one matching vocab_size
     out_dir: str = "trained_models"

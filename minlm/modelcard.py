@@ -64,7 +64,8 @@ def model_card(run, eval_file: str | os.PathLike | None = None, prompts=PROMPTS,
                  (f"held-out {what}", f"{meta['val_loss_before']:.4f} before, "
                                       f"**{meta['val_loss_best']:.4f}** after")]
     if len(evals):
-        rows.append(("val bits per byte (training log)", f"{float(evals['val_bpb'].iloc[-1]):.4f}"))
+        bound = ", an upper bound" if meta.get("bpb_is_bound") else ""
+        rows.append((f"val bits per byte{bound} (training log)", f"{float(evals['val_bpb'].iloc[-1]):.4f}"))
     if eval_file is not None:
         res = evaluate_file(run.model, run.tokenizer, eval_file)
         rows += [(f"bits per byte on `{Path(eval_file).name}` (every token)",

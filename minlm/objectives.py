@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +28,55 @@ import torch.nn.functional as F
 from minlm.chatdata import Example, pack_examples, render_chat
 from minlm.data import _is_val, get_batch
 from minlm.engine import Objective, StepOut
+from minlm.errors import ConfigError
 from minlm.evaluate import bits_per_byte, estimate_loss
 from minlm.lora import LoRALinear, lora_disabled, merge_lora
 from minlm.loss import masked_cross_entropy
 from minlm.optim import batch_size_at
+
+# --- the registry of pretraining objectives ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What every path needs of an objective ``objective=name``: ``cls`` is built like
+    ``Pretraining`` (model, shards, cfg, model_cfg, generator, device, shard); ``sampler``
+    (optional) is what ``generate`` uses for runs trained with it; ``evaluate`` (optional)
+    what ``eval`` reports; ``bpb_is_bound``: its bits per byte is an upper bound, recorded
+    as plain data in the run folder so ``compare`` and the model card label it without
+    importing any code."""
+
+    name: str
+    cls: type
+    sampler: Callable | None = None
+    evaluate: Callable | None = None
+    bpb_is_bound: bool = False
+
+
+_OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, **spec) -> ObjectiveSpec:
+    """Register the pretraining objective ``objective=name`` (fields of ``ObjectiveSpec``);
+    re-registering the same class (a notebook reloading an experiment) replaces it."""
+    old = _OBJECTIVES.get(name)
+    cls = spec["cls"]
+    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__,
+                                                                          cls.__qualname__):
+        raise ValueError(f"objective {name!r} is already registered by {old.cls.__module__}."
+                         f"{old.cls.__qualname__}; pick another name")
+    _OBJECTIVES[name] = ObjectiveSpec(name, **spec)
+    return _OBJECTIVES[name]
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """The registration of ``name``, or a ConfigError listing what is registered."""
+    if name not in _OBJECTIVES:
+        raise ConfigError(f"objective={name!r} is not a registered objective; registered: "
+                          f"{', '.join(sorted(_OBJECTIVES))} (an experiment registers more: "
+                          "experiment=<name or path>)")
+    return _OBJECTIVES[name]
+
 
 # --- pretraining ----------------------------------------------------------------------------
 
@@ -78,6 +124,9 @@ class Pretraining(Objective):
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["batch_rng"])
+
+
+register_objective("pretrain", cls=Pretraining)
 
 
 def epochs_to_steps(epochs: float, train_tokens: int, tokens_per_step: int,

@@ -538,6 +538,8 @@ def list_runs(runs_dir: str | os.PathLike | None = None):
             "val_dpo_loss": (float(last_eval["val_loss"]) if last_eval is not None
                              and meta.get("kind") == "dpo" else None),
             "val_bpb": float(last_eval["val_bpb"]) if last_eval is not None else None,
+            # an objective whose figure is an upper bound (masked diffusion) says so, as data
+            "val_bpb_is_bound": bool(meta.get("bpb_is_bound", False)),
             "status": meta.get("status", ""),
             "path": str(run_dir),
         })

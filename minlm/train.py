@@ -29,7 +29,7 @@ from minlm.distributed import resolve_device  # noqa: F401 - kept importable fro
 from minlm.engine import Engine, StopFlag
 from minlm.flops import cpu_bf16_is_faster, flops_per_token
 from minlm.model import LM
-from minlm.objectives import Pretraining, epochs_to_steps, pretraining_step_tokens
+from minlm.objectives import epochs_to_steps, objective_spec, pretraining_step_tokens
 from minlm.optim import lr_at, make_optimizer
 from minlm.runfolder import RunFolder
 from minlm.tokenizer import load_tokenizer, shipped_tokenizer_path
@@ -184,6 +184,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
     main = dist.is_main
     if not main:  # only rank 0 talks and writes
         say = lambda *a, **k: None  # noqa: E731
+    spec = objective_spec(cfg.objective)  # after experiment= loaded (model_cfg did)
     bf16 = use_bf16(cfg.precision, device)
     memory.check_memory(model_cfg, cfg, device)  # before any work: fail in a second
     parent = _init_from(model_cfg, cfg, trust_experiment) if cfg.init_from else None
@@ -230,7 +231,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
         if parent is not None:
             model.load_state_dict(parent.model.state_dict())
         optimizer = make_optimizer(model, cfg, device)
-        objective = Pretraining(model, shards, cfg, model_cfg,
+        objective = spec.cls(model, shards, cfg, model_cfg,
                                 torch.Generator().manual_seed(cfg.seed), device,
                                 (dist.rank, dist.world))
         fwd = distributed.wrap(model, dist, device, cfg.fsdp)
@@ -241,6 +242,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, stop: StopFlag | None 
                 "tokenizer_path": str(tok_path), "tokenizer_hash": tokenizer.hash,
                 "data_meta": shards.meta, "data_files": _data_files(shards.meta),
                 "data_from_run": _data_from_run(cfg.data, final),
+                "objective": spec.name, "bpb_is_bound": spec.bpb_is_bound,
                 "device": str(device), "bf16": bf16,
                 "hardware": runs.hardware(device), "world_size": dist.world,
                 "versions": runs.library_versions(), "status": "training",
