@@ -90,59 +90,6 @@ class CosineNorm(LoggingModule):
     step = forward
 
 
-def split_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decoding: ``step(x)`` as (x / rms(x), gain) for the next product to fold the gain
-        into its weights (``fastpath.joint_linear``); (``step(x)``, None) where it cannot."""
-        weight = self._parameters.get("weight")
-        if weight is not None and weight.dtype == x.dtype == torch.float32:
-            return x * x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_(), weight
-        return self.step(x), None
-
-
-@register_norm("layernorm", config_fields=("norm_affine", "norm_bias"),
-               examples={"norm_affine": False, "norm_bias": True},
-               memory=lambda cfg, T: cfg.dim + 2)  # the input, mean and 1/std
-class LayerNorm(LoggingModule):
-    """LayerNorm with optional bias (GPT-2 has one, many newer models drop it)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
-
-    step = forward  # decoding: already one fused call
-
-
-@register_norm("cosinenorm", config_fields=("norm_affine",), examples={"norm_affine": False},
-               # the input, its norm and the clamped norm; the unit vector when a gain follows
-               memory=lambda cfg, T: cfg.dim + 2 + (cfg.dim if cfg.norm_affine else 0))
-class CosineNorm(LoggingModule):
-    """Projects each vector onto the sphere of radius sqrt(dim), then an optional learned gain.
-
-    Unlike RMSNorm it has no epsilon inside the root, so the output norm is exact.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.normalize(x.float(), dim=-1, eps=self.eps).to(x.dtype) * self.scale
-        return h * self.weight if self.weight is not None else h
-
-    step = forward
-
-
-NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "cosinenorm": CosineNorm}
-
-
 def split_step(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token of ``norm`` as (output without the gain, gain to fold into the next product)
     where the norm can split so (an fp32 RMSNorm), else (its whole output, None)."""

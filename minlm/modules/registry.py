@@ -166,25 +166,25 @@ def _checking_forms(name: str, forms: dict, validate):
     return check
 
 
+def _registering(name: str, table: dict, spec_type: type, spec: dict):
+    """The class decorator that checks ``cls`` and its examples, then enters it in ``table``."""
+    def wrap(cls):
+        _check_new(name, table, cls)
+        _check_examples(name, spec)
+        table[name] = spec_type(name, cls, **spec)
+        return cls
+    return wrap
+
+
 def register_channel_mixer(name: str, **spec):
     """Class decorator: make ``cls`` the channel mixer ``mlp=name``; its ``options`` are read
     from ``mixer_options`` with the same checks as a token mixer's."""
-    def wrap(cls):
-        _check_new(name, _CHANNEL_MIXERS, cls)
-        _check_examples(name, spec)
-        _CHANNEL_MIXERS[name] = ChannelMixerSpec(name, cls, **spec)
-        return cls
-    return wrap
+    return _registering(name, _CHANNEL_MIXERS, ChannelMixerSpec, spec)
 
 
 def register_norm(name: str, **spec):
     """Class decorator: make ``cls`` the norm ``norm=name`` (see ``NormSpec``)."""
-    def wrap(cls):
-        _check_new(name, _NORMS, cls)
-        _check_examples(name, spec)
-        _NORMS[name] = NormSpec(name, cls, **spec)
-        return cls
-    return wrap
+    return _registering(name, _NORMS, NormSpec, spec)
 
 
 def register_position(name: str, source=None, **spec) -> None:
