@@ -80,7 +80,7 @@ def _cases(root):
         (["train", "resume=true", "overwrite=true"], r"resume=True and overwrite=True contradict"),
         (["train", "max_iters=0"], r"max_iters=0 is invalid: must be a positive integer"),
         (["train", "dropout=1.5"], r"dropout=1.5 is invalid: must be in \[0, 1\)"),
-        (["train", "position=sinusoid"], r"position='sinusoid' is invalid: must be one of"),
+        (["train", "position=sinusoid"], r"position='sinusoid' is not a registered positional scheme; registered: alibi, "),
         (["train", "block_spec=norm>ffn>+"], r"unknown step 'ffn'; valid steps are"),
         (["train", "mixer=gru"], r"mixer='gru' is not a registered token mixer; registered: attention"),
         (["train", "experiment=nope"], r"experiment='nope' is neither a folder of .*available: diffattn"),
