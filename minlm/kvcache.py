@@ -91,7 +91,7 @@ class KVCache:
         """A cache sized for ``model`` (default ``max_len``: its context, ``block_size``);
         refused, in one line, for a model with a bidirectional mixer (left-to-right decoding
         would give it wrong text)."""
-        from minlm.modules.registry import check_decodable
+        from minlm.modules.block import check_decodable
 
         check_decodable(model.config)
         return cls(len(model.blocks), batch_size, max_len or model.config.block_size)

@@ -102,6 +102,18 @@ def layout_mixers(cfg) -> list[str]:
     return used
 
 
+def check_decodable(cfg) -> None:
+    """The one check before left-to-right cached decoding: a bidirectional (``causal=False``)
+    mixer sees tokens that do not exist yet while decoding, so its text would be wrong."""
+    from minlm.modules.registry import mixer_spec
+
+    for name in layout_mixers(cfg):
+        if not mixer_spec(name).causal:
+            raise ConfigError(f"mixer={name!r} is bidirectional (causal=False): it cannot decode "
+                              "left to right with a cache; sample it with its experiment's own "
+                              "sampler (full forwards over the whole sequence)")
+
+
 def uses_moe_step(cfg) -> bool:
     return any("moe" in s.split("|") for layout in layer_layouts(cfg) for g in layout for s in g)
 

@@ -308,18 +308,6 @@ def make_position(cfg, part: str, *args):
     return maker(cfg, *args) if maker is not None else None
 
 
-def check_decodable(cfg) -> None:
-    """The one check before left-to-right cached decoding: a bidirectional (``causal=False``)
-    mixer sees tokens that do not exist yet while decoding, so its text would be wrong."""
-    from minlm.modules.block import layout_mixers
-
-    for name in layout_mixers(cfg):
-        if not mixer_spec(name).causal:
-            raise ConfigError(f"mixer={name!r} is bidirectional (causal=False): it cannot decode "
-                              "left to right with a cache; sample it with its experiment's own "
-                              "sampler (full forwards over the whole sequence)")
-
-
 def channel_mixer_spec(name: str, field_name: str = "mlp") -> ChannelMixerSpec:
     table = channel_mixers()
     if name not in table:
