@@ -32,6 +32,7 @@ from minlm.errors import ConfigError
 from minlm.evaluate import bits_per_byte, estimate_loss
 from minlm.lora import LoRALinear, lora_disabled, merge_lora
 from minlm.loss import masked_cross_entropy
+from minlm.modules.registry import _check_new
 from minlm.optim import batch_size_at
 
 # --- the registry of pretraining objectives ---------------------------------------------
@@ -58,13 +59,8 @@ _OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 def register_objective(name: str, **spec) -> ObjectiveSpec:
     """Register the pretraining objective ``objective=name`` (fields of ``ObjectiveSpec``);
-    re-registering the same class (a notebook reloading an experiment) replaces it."""
-    old = _OBJECTIVES.get(name)
-    cls = spec["cls"]
-    if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__,
-                                                                          cls.__qualname__):
-        raise ValueError(f"objective {name!r} is already registered by {old.cls.__module__}."
-                         f"{old.cls.__qualname__}; pick another name")
+    the same class from the same file again replaces it, by the mixers' rule (``_check_new``)."""
+    _check_new(name, _OBJECTIVES, spec["cls"])
     _OBJECTIVES[name] = ObjectiveSpec(name, **spec)
     return _OBJECTIVES[name]
 
